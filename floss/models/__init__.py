@@ -1,0 +1,40 @@
+"""Dense open-vocabulary models behind one interface (:class:`DenseModel`) and a registry.
+
+``create_model("maskclip" | "clipdinoiser" | "naclip", backbone=None, pretrained=None, checkpoint=None,
+device="cpu", ...)`` builds a model; ``register_model(name, factory)`` adds a user's own. Each model's
+``extract(image, settings)`` applies the evaluation protocol of :func:`settings_for`.
+"""
+from __future__ import annotations
+
+from floss.models.base import (DenseModel, ImageFeatures, ProtocolSettings, available_models, create_model,
+                               register_model, settings_for)
+from floss.models.clipdinoiser import CLIPDINOiser
+from floss.models.maskclip import MaskCLIP
+from floss.models.naclip import NACLIP
+
+__all__ = ["DenseModel", "ImageFeatures", "ProtocolSettings", "settings_for", "register_model", "create_model",
+           "available_models", "MaskCLIP", "CLIPDINOiser", "NACLIP"]
+
+
+def _no_checkpoint(model: str, checkpoint) -> None:
+    if checkpoint is not None:
+        raise ValueError(f"checkpoint: {model} takes no head checkpoint (only clipdinoiser), received {checkpoint!r}")
+
+
+def _maskclip(backbone=None, pretrained=None, checkpoint=None, device="cpu", **kw) -> MaskCLIP:
+    _no_checkpoint("maskclip", checkpoint)
+    return MaskCLIP(backbone, pretrained, device=device, **kw)
+
+
+def _clipdinoiser(backbone=None, pretrained=None, checkpoint=None, device="cpu", **kw) -> CLIPDINOiser:
+    return CLIPDINOiser(backbone, pretrained, checkpoint, device=device, **kw)
+
+
+def _naclip(backbone=None, pretrained=None, checkpoint=None, device="cpu", **kw) -> NACLIP:
+    _no_checkpoint("naclip", checkpoint)
+    return NACLIP(backbone, pretrained, device=device, **kw)
+
+
+register_model("maskclip", _maskclip)
+register_model("clipdinoiser", _clipdinoiser)
+register_model("naclip", _naclip)

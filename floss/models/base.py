@@ -1,0 +1,233 @@
+"""The plug-in point for dense models, the per-model protocol settings and the model registry.
+
+A dense model only supplies :meth:`DenseModel.encode_text` and :meth:`DenseModel.window_features`; the
+whole evaluation protocol (keep-ratio resize, sliding windows, optional padding, CLIP normalisation) is
+implemented once in :meth:`DenseModel.extract`, so a user's own model gets exactly the same treatment as
+MaskCLIP, CLIP-DINOiser and NACLIP.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from floss.models import preprocess
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ProtocolSettings", "settings_for", "ImageFeatures", "DenseModel", "register_model", "create_model",
+    "available_models", "KNOWN_DATASETS", "DRIVING_DATASETS", "PROTOCOLS", "SOFTMAX_STAGES",
+]
+
+PROTOCOLS = ("authors", "paper")
+SOFTMAX_STAGES = ("window", "final")
+#: Cityscapes and the datasets of the paper's transfer table (evaluated with the Cityscapes classes)
+DRIVING_DATASETS = ("cityscapes", "bdd", "acdc_night", "acdc_fog", "acdc_rain", "acdc_snow", "mapillary")
+KNOWN_DATASETS = ("pascalvoc20", "pascalco59", "ade20k", "cocostuff") + DRIVING_DATASETS
+#: models with a protocol table (``settings_for``)
+PROTOCOL_MODELS = ("maskclip", "clipdinoiser", "naclip")
+
+# CLIP-DINOiser dataset configs (shared by FLOSS's MaskCLIP): mmcv Resize scale per dataset
+_DINOISER_SCALES = {"cityscapes": (896, 448), "bdd": (1280, 448), "mapillary": (1920, 448),
+                    **{f"acdc_{c}": (796, 448) for c in ("night", "fog", "rain", "snow")}}
+_FP16_WINDOW_DATASETS = ("ade20k", "cocostuff")
+
+
+@dataclass(frozen=True)
+class ProtocolSettings:
+    """How one model is evaluated on one dataset (see docs/architecture.md)."""
+
+    scale: tuple[int, int]        # mmcv Resize(scale=(long_max, short_max), keep_ratio=True)
+    crop: int | None              # sliding window size; None = whole image
+    stride: int | None
+    softmax_stage: str            # "window" (MaskCLIP, CLIP-DINOiser) | "final" (NACLIP)
+    logit_scale: float
+    renormalize_experts: bool
+    renormalize_fallback: bool
+    window_fp16: bool
+    protocol: str                 # "authors" | "paper"
+
+    def __post_init__(self):
+        if (not isinstance(self.scale, tuple) or len(self.scale) != 2
+                or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in self.scale)):
+            raise ValueError(f"scale: expected a tuple of two positive ints (long_max, short_max), "
+                             f"received {self.scale!r}")
+        if (self.crop is None) != (self.stride is None):
+            raise ValueError(f"crop/stride: expected both None (whole image) or both set, received "
+                             f"crop={self.crop!r}, stride={self.stride!r}")
+        for name in ("crop", "stride"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+                raise ValueError(f"{name}: expected a positive int or None, received {v!r}")
+        if self.softmax_stage not in SOFTMAX_STAGES:
+            raise ValueError(f"softmax_stage: expected one of {SOFTMAX_STAGES}, received {self.softmax_stage!r}")
+        if isinstance(self.logit_scale, bool) or not isinstance(self.logit_scale, (int, float)) \
+                or not self.logit_scale > 0:
+            raise ValueError(f"logit_scale: expected a positive number, received {self.logit_scale!r}")
+        for name in ("renormalize_experts", "renormalize_fallback", "window_fp16"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected a bool, received {getattr(self, name)!r}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol: expected one of {PROTOCOLS}, received {self.protocol!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (``scale`` as a list)."""
+        d = dataclasses.asdict(self)
+        d["scale"] = list(self.scale)
+        d["logit_scale"] = float(self.logit_scale)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ProtocolSettings":
+        """Inverse of :meth:`to_dict`; missing or unknown keys are errors."""
+        if not isinstance(d, dict):
+            raise TypeError(f"settings: expected a dict, received {type(d).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing, unknown = sorted(set(names) - set(d)), sorted(set(d) - set(names))
+        if missing or unknown:
+            raise ValueError(f"settings: expected exactly the keys {names}; missing {missing}, unknown {unknown}")
+        kw = dict(d)
+        if isinstance(kw["scale"], list):   # JSON has no tuples
+            kw["scale"] = tuple(kw["scale"])
+        if isinstance(kw["logit_scale"], int) and not isinstance(kw["logit_scale"], bool):
+            kw["logit_scale"] = float(kw["logit_scale"])
+        return cls(**kw)
+
+
+def settings_for(model: str, dataset: str, protocol: str = "authors") -> ProtocolSettings:
+    """Protocol settings of FLOSS protocol §2.4 (``"authors"``) or of the paper's text (``"paper"``).
+
+    * authors — MaskCLIP and CLIP-DINOiser both use CLIP-DINOiser's configs: short side 448 (Cityscapes
+      (896, 448), BDD (1280, 448), ACDC (796, 448), Mapillary (1920, 448), others (2048, 448)), 448 windows
+      with stride 224, per-window softmax, un-renormalised expert/fallback classifiers. NACLIP: (2048, 336),
+      driving sets (2048, 560), 224/112 windows (VOC20: whole image), softmax after the final resize,
+      renormalised classifiers. Window outputs are cast to fp16 on ADE20K/COCO-Stuff.
+    * paper — every classifier renormalised, no fp16 cast; MaskCLIP at (2048, 336) (driving sets 560) with
+      224/112 windows as the paper's text says; CLIP-DINOiser and NACLIP as above.
+    """
+    if model not in PROTOCOL_MODELS:
+        raise ValueError(f"model: expected one of {PROTOCOL_MODELS} (a custom model builds ProtocolSettings "
+                         f"itself), received {model!r}")
+    if dataset not in KNOWN_DATASETS:
+        raise ValueError(f"dataset: expected one of {KNOWN_DATASETS}, received {dataset!r}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol: expected one of {PROTOCOLS}, received {protocol!r}")
+    authors = protocol == "authors"
+    driving = dataset in DRIVING_DATASETS
+    fp16 = authors and dataset in _FP16_WINDOW_DATASETS
+    if model == "naclip" or (model == "maskclip" and not authors):
+        scale = (2048, 560) if driving else (2048, 336)
+        whole = model == "naclip" and dataset == "pascalvoc20"   # NACLIP's slide_crop=0 on VOC20
+        crop, stride = (None, None) if whole else (224, 112)
+    else:
+        scale, crop, stride = _DINOISER_SCALES.get(dataset, (2048, 448)), 448, 224
+    renorm = model == "naclip" or not authors
+    return ProtocolSettings(scale=scale, crop=crop, stride=stride,
+                            softmax_stage="final" if model == "naclip" else "window", logit_scale=100.0,
+                            renormalize_experts=renorm, renormalize_fallback=renorm, window_fp16=fp16,
+                            protocol=protocol)
+
+
+class ImageFeatures(NamedTuple):
+    """Per-window dense features of one image (what the cache stores)."""
+
+    feats: torch.Tensor            # [Nw, D, gh, gw] float32, L2-normalised per patch
+    boxes: np.ndarray              # [Nw, 4] int32 (y1, y2, x1, x2) in resized-image coordinates
+    resized_size: tuple[int, int]  # (h, w) after the keep-ratio resize
+    orig_size: tuple[int, int]     # (H, W) of the input image
+
+
+class DenseModel(abc.ABC):
+    """A frozen image-text model producing L2-normalised dense features.
+
+    Subclasses set ``name``, ``feature_dim``, ``patch_size`` (and ``device``) and implement
+    :meth:`encode_text` and :meth:`window_features`. ``pad_to_patch = True`` zero-pads each window
+    (bottom/right, in [0, 1] space, before normalisation) to a multiple of ``patch_size``, as CLIP-DINOiser.
+    """
+
+    name: str = "dense-model"
+    feature_dim: int
+    patch_size: int
+    device: torch.device = torch.device("cpu")
+    pad_to_patch: bool = False
+    window_batch_size: int = 8
+
+    @abc.abstractmethod
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """L2-normalised text embeddings [n, D] (float32)."""
+
+    @abc.abstractmethod
+    def window_features(self, x: torch.Tensor) -> torch.Tensor:
+        """CLIP-normalised windows [B, 3, h, w] -> L2-normalised features [B, D, h // p, w // p]."""
+
+    @torch.inference_mode()
+    def extract(self, image: np.ndarray, settings: ProtocolSettings, *,
+                batch_size: int | None = None) -> ImageFeatures:
+        """Resize, cut into windows and encode one uint8 RGB (H, W, 3) image; features stay on ``device``."""
+        if not isinstance(settings, ProtocolSettings):
+            raise TypeError(f"settings: expected ProtocolSettings, received {type(settings).__name__}")
+        batch_size = batch_size or self.window_batch_size
+        if batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive integer, received {batch_size}")
+        orig_size = (int(image.shape[0]), int(image.shape[1])) if isinstance(image, np.ndarray) else None
+        resized = preprocess.resize_image(image, settings.scale)
+        unit = preprocess.image_to_unit_tensor(resized, device=self.device)
+        h, w = resized.shape[:2]
+        boxes = preprocess.window_boxes(h, w, settings.crop, settings.stride)
+        crops = torch.stack([unit[:, y1:y2, x1:x2] for y1, y2, x1, x2 in boxes.tolist()])
+        if self.pad_to_patch:
+            crops = preprocess.pad_to_multiple(crops, self.patch_size)
+        crops = preprocess.normalize_clip(crops)
+        outs = [self._checked_window_features(crops[i:i + batch_size]) for i in range(0, len(crops), batch_size)]
+        return ImageFeatures(torch.cat(outs).float(), boxes, (h, w), orig_size)
+
+    def _checked_window_features(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.window_features(x)
+        p = self.patch_size
+        want = [x.shape[0], self.feature_dim, x.shape[2] // p, x.shape[3] // p]
+        if not isinstance(out, torch.Tensor) or list(out.shape) != want:
+            got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"{type(self).__name__}.window_features: expected shape {want} for input "
+                             f"{list(x.shape)}, received {got}")
+        norms = out.float().norm(dim=1)
+        if not bool(((norms - 1).abs() < 1e-2).all()):
+            raise ValueError(f"{type(self).__name__}.window_features: expected L2-normalised features along "
+                             f"dim 1, received norms in [{float(norms.min()):.4g}, {float(norms.max()):.4g}]")
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- registry
+_REGISTRY: dict[str, Callable[..., DenseModel]] = {}
+
+
+def register_model(name: str, factory: Callable[..., DenseModel], *, overwrite: bool = False) -> None:
+    """Register ``factory(**kwargs) -> DenseModel`` under ``name`` (``overwrite=True`` to replace)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name: expected a non-empty string, received {name!r}")
+    if not callable(factory):
+        raise TypeError(f"factory: expected a callable returning a DenseModel, received {type(factory).__name__}")
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(f"model {name!r} is already registered; pass overwrite=True to replace it")
+    _REGISTRY[name] = factory
+
+
+def available_models() -> list[str]:
+    """Names accepted by :func:`create_model`."""
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, **kwargs) -> DenseModel:
+    """Build a registered model, e.g. ``create_model("naclip", pretrained="openai", device="cuda")``."""
+    if name not in _REGISTRY:
+        raise ValueError(f"model: expected one of {available_models()} (or register_model(name, factory) "
+                         f"first), received {name!r}")
+    model = _REGISTRY[name](**kwargs)
+    if not isinstance(model, DenseModel):
+        raise TypeError(f"the factory registered as {name!r} returned {type(model).__name__}, not a DenseModel")
+    return model
