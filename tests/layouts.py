@@ -211,7 +211,7 @@ def _acdc_maker(condition: str) -> Callable[..., Path]:
 MAKERS: dict[str, Callable[..., Path]] = {
     "cityscapes": make_cityscapes, "pascalvoc20": make_pascalvoc20, "pascalco59": make_pascalco59,
     "ade20k": make_ade20k, "cocostuff": make_cocostuff,
-    **{f"acdc-{c}": _acdc_maker(c) for c in ("night", "fog", "rain", "snow")},
+    **{f"acdc_{c}": _acdc_maker(c) for c in ("night", "fog", "rain", "snow")},
     "bdd": make_bdd, "mapillary": make_mapillary,
 }
 

@@ -24,7 +24,7 @@ EXPECTED_IDS = {
     "cocostuff": (["000000000009", "000000000010"], ["000000000139", "000000000140"]),
     "bdd": (["0a000000-b0000000", "0a000001-b0000001"], ["7d000000-c0000000", "7d000001-c0000001"]),
     "mapillary": (None, ["000Xq7Tv_mapillary000", "001Xq7Tv_mapillary001"]),
-    **{f"acdc-{c}": (["GOPR0351/GOPR0351_frame_000000", "GOPR0351/GOPR0351_frame_000001"],
+    **{f"acdc_{c}": (["GOPR0351/GOPR0351_frame_000000", "GOPR0351/GOPR0351_frame_000001"],
                      ["GOPR0356/GOPR0356_frame_000000", "GOPR0356/GOPR0356_frame_000001"])
        for c in ("night", "fog", "rain", "snow")},
 }
@@ -258,6 +258,8 @@ def test_partial_copy_is_logged(tmp_path, caplog):
 
 def test_class_names_come_from_floss_classes(tmp_path):
     classes = pytest.importorskip("floss.classes")
-    root = make_dataset("acdc-fog", tmp_path / "acdc", 1, 1, SIZE)
-    ds = open_dataset("acdc-fog", root, "val")
+    root = make_dataset("acdc_fog", tmp_path / "acdc", 1, 1, SIZE)
+    ds = open_dataset("fog-acdc", root, "val")
+    assert set(available_datasets()) == set(classes.DATASETS)  # one naming across the project
+    assert ds.name == "acdc_fog"
     assert ds.class_names == list(classes.CLASS_NAMES["cityscapes"]) and len(ds.class_names) == 19

@@ -238,7 +238,7 @@ def _suggest_root(layout: Layout, root: Path, rel: str) -> str:
     for depth in ("*", "*/*"):
         for candidate in sorted(root.glob(f"{depth}/{rel}")):
             better = Path(str(candidate)[: -len(rel)].rstrip("/\\"))
-            return f"; did you mean root={better}?"
+            return f" (did you mean root={better}?)"
     return f" (the root is usually the {layout.root_hint}/ folder)" if layout.root_hint else ""
 
 

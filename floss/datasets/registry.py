@@ -23,7 +23,7 @@ ade20k         ``images/{training,validation}/<id>.jpg``              ``annotati
                                                                       reduce_zero_label
 cocostuff      ``images/{train2017,val2017}/<id>.jpg``                ``annotations/.../<id>_labelTrainIds
                                                                       .png`` 0..170, 255
-acdc-<cond>    ``rgb_anon/<cond>/{s}/<seq>/<n>_rgb_anon.png``         ``gt/<cond>/{s}/<seq>/<n>_gt_
+acdc_<cond>    ``rgb_anon/<cond>/{s}/<seq>/<n>_rgb_anon.png``         ``gt/<cond>/{s}/<seq>/<n>_gt_
                                                                       labelTrainIds.png``
 bdd            ``images/10k/{s}/<id>.jpg``                            ``labels/sem_seg/masks/{s}/<id>.png``
 mapillary      ``half/val_img/<id>.jpg`` (val only)                   ``half/val_label/<id>.png``
@@ -86,7 +86,7 @@ _CITYSCAPES_CONVERSION = ("mmsegmentation's tools/convert_datasets/cityscapes.py
 
 def _acdc(condition: str) -> Layout:
     return Layout(
-        name=f"acdc-{condition}",
+        name=f"acdc_{condition}",
         description=f"ACDC {condition} (Cityscapes train ids; Cityscapes class names)",
         num_classes=19, class_source="cityscapes",
         splits={s: SplitDirs(f"rgb_anon/{condition}/{s}", f"gt/{condition}/{s}") for s in ("train", "val")},
@@ -163,11 +163,11 @@ DATASETS: dict[str, Layout] = {layout.name: layout for layout in [
 ]}
 
 #: other spellings accepted by :func:`resolve_name` (the authors' README says ``bdd10k``; their configs
-#: are named ``night-acdc`` etc.)
+#: are named ``night-acdc`` etc.). Canonical names are those of :data:`floss.classes.DATASETS`.
 ALIASES: dict[str, str] = {
     "bdd10k": "bdd", "bdd100k": "bdd",
-    **{f"{c}-acdc": f"acdc-{c}" for c in ("night", "fog", "rain", "snow")},
-    **{f"acdc_{c}": f"acdc-{c}" for c in ("night", "fog", "rain", "snow")},
+    **{f"{c}-acdc": f"acdc_{c}" for c in ("night", "fog", "rain", "snow")},
+    **{f"acdc-{c}": f"acdc_{c}" for c in ("night", "fog", "rain", "snow")},
     "voc20": "pascalvoc20", "pc59": "pascalco59", "ade": "ade20k", "coco-stuff": "cocostuff",
 }
 
