@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny open_clip ViTs (random weights) for the model tests.
+
+The tiny configs in ``tests/assets`` (width 64, 3 blocks, 2 heads, patch 16, native grid 4x4, embed dim 32)
+are registered with open_clip through ``backbone=<path to the .json>``. LayerNorm affines are randomised so
+that the last-block formulas in the tests exercise every parameter.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# never let a test reach the network, even by accident
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+TINY_GELU = str(ASSETS / "tiny-vit-gelu.json")
+TINY_QUICKGELU = str(ASSETS / "tiny-vit-quickgelu.json")
+
+
+def _randomise_norms(model) -> None:
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in model.clip.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.add_(0.2 * torch.randn(module.weight.shape, generator=gen))
+                module.bias.add_(0.2 * torch.randn(module.bias.shape, generator=gen))
+
+
+@pytest.fixture(scope="session")
+def tiny_gelu_config() -> str:
+    return TINY_GELU
+
+
+@pytest.fixture(scope="session")
+def tiny_quickgelu_config() -> str:
+    return TINY_QUICKGELU
+
+
+@pytest.fixture(scope="session")
+def tiny_maskclip():
+    from floss.models import create_model
+    torch.manual_seed(0)
+    model = create_model("maskclip", backbone=TINY_GELU, pretrained="none")
+    _randomise_norms(model)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_clipdinoiser():
+    from floss.models import create_model
+    torch.manual_seed(0)
+    model = create_model("clipdinoiser", backbone=TINY_GELU, pretrained="none")
+    _randomise_norms(model)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_naclip():
+    from floss.models import create_model
+    torch.manual_seed(0)
+    model = create_model("naclip", backbone=TINY_QUICKGELU, pretrained="none")
+    _randomise_norms(model)
+    return model
