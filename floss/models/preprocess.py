@@ -15,7 +15,6 @@ Everything here reproduces mmcv/mmseg behaviour without depending on them:
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import cv2
@@ -165,7 +164,3 @@ def merge_windows(window_maps: torch.Tensor, boxes, resized_size: Sequence[int],
         raise ValueError(f"boxes: the windows do not cover the whole {H}x{W} image")
     return canvas / count.to(canvas.dtype)
 
-
-def grid_size(height: int, width: int, patch: int) -> tuple[int, int]:
-    """Token grid of a ViT with stride-``patch`` patch embedding (floor, as ``conv1``)."""
-    return math.floor(height / patch), math.floor(width / patch)
