@@ -1,0 +1,43 @@
+# %% [markdown]
+# # Figs. 10–11 — per-class quality of the estimated experts
+#
+# ρ̂_k (Eq. 8) of the entropy-selected top-4 experts per class, one panel per dataset; the dashed line is the
+# mean over classes (Table 2's value).
+
+# %% tags=["parameters"]
+root = ""  # repository root; empty means floss.paths.ROOT
+figures = {"10": "clipdinoiser", "11": "naclip"}  # figure number -> model
+datasets = ["ade20k", "cityscapes", "pascalco59", "pascalvoc20"]
+
+# %%
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+import floss.paths
+from floss.report import analysis, paper, plots
+
+ROOT = Path(root) if root else floss.paths.ROOT
+plots.use_style()
+
+# %%
+means = {}
+for number, model in figures.items():
+    docs = {d: analysis.load_results(ROOT, model, d) for d in datasets}
+    fig, axes = plt.subplots(len(datasets), 1, figsize=(10, 2.6 * len(datasets)), squeeze=False)
+    for ax, (d, res) in zip(axes[:, 0], docs.items()):
+        base = analysis.class_iou(res, "baseline")
+        quality, mean = analysis.quality_per_class(res["experts"], analysis.per_template_iou(res), base, list(base.index))
+        means[model, d] = mean
+        ax.bar(range(len(quality)), quality.fillna(0), color=plots.FLOSS_COLOR)
+        ax.axhline(mean, color="black", linestyle="--", label=f"mean {mean:.0f}%")
+        ax.set_xticks(range(len(quality)), list(quality.index), rotation=70, ha="right",
+                      fontsize=5 if len(quality) > 40 else 7)
+        ax.set_ylim(0, 105)
+        ax.set_ylabel("ρ̂ (%)")
+        ax.set_title(d)
+        ax.legend(loc="upper right")
+    fig.suptitle(plots.demo_title(f"Quality of the estimated templates ({paper.model_label(model)})",
+                                  analysis.is_synthetic(*docs.values())))
+    plots.save_figure(fig, number, f"expert_quality_{model}", root=ROOT)
+means

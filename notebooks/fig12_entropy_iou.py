@@ -1,0 +1,77 @@
+# %% [markdown]
+# # Figs. 12–15 — entropy vs IoU per template
+#
+# For each class, every valid template (one that predicts the class on at least one train pixel) is a dot at
+# (train entropy, val IoU); the dotted line is the averaged classifier W_CLIP's IoU. The number of valid templates
+# is in parentheses. Fig. 12 (CLIP-DINOiser, Cityscapes) can also be drawn from the authors' published data alone
+# (their rankings + per-template IoU); its W_CLIP line is drawn only when a baseline evaluation exists.
+
+# %% tags=["parameters"]
+root = ""  # repository root; empty means floss.paths.ROOT
+figures = {"12": ["clipdinoiser", "cityscapes"], "13": ["clipdinoiser", "pascalco59"],
+           "14": ["naclip", "cityscapes"], "15": ["naclip", "pascalco59"]}
+authors_fig12 = True  # also draw Fig. 12 from data/authors when its files exist
+max_classes = 60
+
+# %%
+from pathlib import Path
+
+import floss.paths
+from floss.report import analysis, paper, plots
+
+ROOT = Path(root) if root else floss.paths.ROOT
+plots.use_style()
+COLORS = plots.template_colors()
+
+
+def draw(pairs, baseline, title):
+    classes = list(dict.fromkeys(pairs["class"]))[:max_classes]
+    fig, axes = plots.class_grid(len(classes), ncols=5)
+    for ax, name in zip(axes, classes):
+        g = pairs[(pairs["class"] == name) & pairs.valid]
+        ax.scatter(g["value"], g["iou"], c=COLORS[g["template_id"].to_numpy() % len(COLORS)], s=9, linewidths=0)
+        if baseline is not None and name in baseline.index:
+            ax.axhline(baseline[name], color="black", linestyle=":", linewidth=1)
+        ax.set_title(f"{name} ({len(g)})", fontsize=8)
+        ax.set_xlabel("entropy (nats)", fontsize=7)
+        ax.set_ylabel("IoU (%)", fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+# %%
+correlations = {}
+for number, (model, dataset) in figures.items():
+    res = analysis.load_results(ROOT, model, dataset)
+    rankings = analysis.read_json(analysis.rankings_path(ROOT, model, dataset), what="rankings")
+    pairs = analysis.metric_iou_pairs(rankings, analysis.per_template_iou(res))
+    correlations[model, dataset] = analysis.metric_correlation(rankings, analysis.per_template_iou(res))["spearman"].mean()
+    title = plots.demo_title(f"Entropy and IoU per template ({paper.model_label(model)}, {dataset})",
+                             analysis.is_synthetic(res))
+    plots.save_figure(draw(pairs, analysis.class_iou(res, "baseline"), title), number,
+                      f"entropy_iou_{model}_{dataset}", root=ROOT)
+correlations
+
+# %% [markdown]
+# Fig. 12 from the authors' files alone (protocol §8.1): x = their train entropy, y = their per-template IoU.
+
+# %%
+authors_rankings = analysis.rankings_path(ROOT, "clipdinoiser", "cityscapes", authors=True)
+authors_iou_file = ROOT / "data/authors/iou_per_template_clipdinoiser_cityscapes.json"
+if authors_fig12 and authors_rankings.is_file() and authors_iou_file.is_file():
+    rankings = analysis.read_json(authors_rankings)
+    iou = analysis.authors_iou(analysis.read_json(authors_iou_file))
+    baseline_file = analysis.results_path(ROOT, "clipdinoiser", "cityscapes")
+    baseline = None
+    if baseline_file.is_file():
+        doc = analysis.read_json(baseline_file)
+        # a synthetic baseline has nothing to do with the authors' numbers: no line then
+        baseline = None if analysis.is_synthetic(doc) else analysis.class_iou(doc, "baseline")
+    fig = draw(analysis.metric_iou_pairs(rankings, iou), baseline,
+               "Entropy and IoU per template (CLIP-DINOiser, Cityscapes) — the authors' published data")
+    plots.save_figure(fig, 12, "entropy_iou_authors", root=ROOT)
+    print("Spearman(entropy, IoU), mean over classes:",
+          round(analysis.metric_correlation(rankings, iou)["spearman"].mean(), 3))
+else:
+    print("authors' files not found under data/authors: Fig. 12 from their data skipped")

@@ -1,0 +1,49 @@
+# %% [markdown]
+# # Fig. 3 — effect of the number of images
+#
+# FLOSS needs only unlabeled train images to rank templates. Here the experts are re-identified from random
+# subsets of the train set (several seeds per size; the paper uses 10) by re-aggregating the per-image ranking
+# statistics — no feature is recomputed — and evaluated on val. Mean ± std over seeds; the dashed line is W_CLIP.
+
+# %% tags=["parameters"]
+root = ""  # repository root; empty means floss.paths.ROOT
+model = "clipdinoiser"
+datasets = ["cityscapes", "pascalvoc20"]
+sizes = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000]
+seeds = 10
+metric = "entropy"
+n = 4
+
+# %%
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+import floss.paths
+from floss import experiments
+from floss.report import analysis, paper, plots
+
+ROOT = Path(root) if root else floss.paths.ROOT
+plots.use_style()
+
+# %%
+curves = {}
+fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.2), squeeze=False)
+for ax, d in zip(axes[0], datasets):
+    stats = experiments.load_stats(ROOT, model, d)
+    train_ids = experiments.open_cache(ROOT, model, d, "train").ids
+    val = experiments.open_cache(ROOT, model, d, "val")
+    frame = experiments.low_data(stats, train_ids, val, val.class_names, sizes, seeds, n=n, metric=metric)
+    summary = experiments.summarize(frame, "size")
+    curves[d] = summary
+    plots.mean_std_line(ax, summary.index, summary["mean"], summary["std"], label=f"{paper.model_label(model)} + FLOSS")
+    ax.axhline(frame["baseline"].iloc[0], color=plots.BASELINE_COLOR, linestyle="--", label=paper.model_label(model))
+    ax.set_xscale("log")
+    ax.set_xlabel("number of train images")
+    ax.set_ylabel("mIoU (%)")
+    ax.set_title(d)
+    ax.legend(loc="lower right")
+fig.suptitle(plots.demo_title(f"Effect of the number of images ({len(frame.seed.unique())} seeds)",
+                              analysis.is_synthetic(val.manifest)))
+plots.save_figure(fig, 3, "low_data", root=ROOT)
+curves

@@ -1,0 +1,35 @@
+# %% [markdown]
+# # Fig. 6 — performance of the best class-experts
+#
+# Per class, the IoU gain (percentage points) of the best single template (chosen with labels) over the
+# averaged classifier W_CLIP: how much room better expert identification could still win (paper: more than
+# 30 points on Cityscapes' sky for CLIP-DINOiser).
+
+# %% tags=["parameters"]
+root = ""  # repository root; empty means floss.paths.ROOT
+models = ["clipdinoiser", "maskclip", "naclip"]
+dataset = "cityscapes"
+
+# %%
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+import floss.paths
+from floss.report import analysis, paper, plots
+
+ROOT = Path(root) if root else floss.paths.ROOT
+plots.use_style()
+
+# %%
+docs = {m: analysis.load_results(ROOT, m, dataset) for m in models}
+fig, axes = plt.subplots(len(models), 1, figsize=(9, 2.6 * len(models)), squeeze=False)
+summaries = {}
+for ax, (m, res) in zip(axes[:, 0], docs.items()):
+    s = analysis.single_template_summary(analysis.per_template_iou(res), analysis.class_iou(res, "baseline"))
+    summaries[m] = s
+    plots.bar_gains(ax, list(s.index), s["gain"])
+    ax.set_title(paper.model_label(m))
+fig.suptitle(plots.demo_title(f"Best class-expert vs W_CLIP — {dataset}", analysis.is_synthetic(*docs.values())))
+plots.save_figure(fig, 6, "best_experts", root=ROOT)
+{m: s["gain"].round(2).to_dict() for m, s in summaries.items()}

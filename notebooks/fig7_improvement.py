@@ -1,0 +1,44 @@
+# %% [markdown]
+# # Fig. 7 — performance boost with FLOSS
+#
+# mIoU(+FLOSS) − mIoU(model) per model and dataset, reproduced (bars) and the paper's Table 1 (dots).
+
+# %% tags=["parameters"]
+root = ""  # repository root; empty means floss.paths.ROOT
+models = ["maskclip", "naclip", "clipdinoiser"]
+datasets = ["cityscapes", "pascalvoc20", "pascalco59", "ade20k", "cocostuff"]
+
+# %%
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+import floss.paths
+from floss.report import analysis, paper, plots
+
+ROOT = Path(root) if root else floss.paths.ROOT
+plots.use_style()
+
+# %%
+docs = {(m, d): analysis.load_results(ROOT, m, d) for m in models for d in datasets}
+gain = {(m, d): analysis.method_miou(r, "floss") - analysis.method_miou(r, "baseline") for (m, d), r in docs.items()}
+fig, ax = plt.subplots(figsize=(1.2 * len(datasets) * len(models) / 2 + 3, 3.3))
+width = 0.8 / len(models)
+x = np.arange(len(datasets))
+for i, m in enumerate(models):
+    ax.bar(x + i * width, [gain[m, d] for d in datasets], width, label=paper.model_label(m))
+    ref = []
+    for d in datasets:
+        try:
+            ref.append(paper.paper_miou(m, d, "floss") - paper.paper_miou(m, d, "baseline"))
+        except KeyError:
+            ref.append(np.nan)
+    ax.scatter(x + i * width, ref, color=plots.PAPER_COLOR, s=14, zorder=3, label="paper" if i == 0 else None)
+ax.axhline(0, color="black", linewidth=0.8)
+ax.set_xticks(x + width * (len(models) - 1) / 2, [paper.dataset_label(d) for d in datasets])
+ax.set_ylabel("Δ mIoU (FLOSS − model)")
+ax.legend(fontsize=7, ncol=2)
+ax.set_title(plots.demo_title("Performance boost with FLOSS", analysis.is_synthetic(*docs.values())))
+plots.save_figure(fig, 7, "improvement", root=ROOT)
+{f"{m}/{d}": round(v, 2) for (m, d), v in gain.items()}
