@@ -357,3 +357,17 @@ def test_extract_on_builtin_models_matches_windows(tiny_naclip):
     unit = pp.normalize_clip(pp.image_to_unit_tensor(pp.resize_image(img, s.scale)))
     y1, y2, x1, x2 = out.boxes[-1].tolist()
     assert torch.allclose(out.feats[-1], tiny_naclip.window_features(unit[None, :, y1:y2, x1:x2])[0], atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 NACLIP runs only on CUDA")
+def test_naclip_fp16_on_cuda_matches_fp32(tmp_path, tiny_naclip, tiny_quickgelu_config):
+    path = tmp_path / "tiny.pt"
+    torch.save(tiny_naclip.clip.state_dict(), path)
+    m16 = create_model("naclip", backbone=tiny_quickgelu_config, pretrained=str(path), device="cuda",
+                       precision="fp16")
+    m32 = create_model("naclip", backbone=tiny_quickgelu_config, pretrained=str(path), device="cuda")
+    img = np.random.default_rng(6).integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    s = settings_for("naclip", "ade20k")
+    a, b = m16.extract(img, s), m32.extract(img, s)
+    assert a.feats.dtype == torch.float32 and a.feats.device.type == "cuda"
+    assert (a.feats * b.feats).sum(1).min() > 0.99                  # cosine of fp16 vs fp32 features
