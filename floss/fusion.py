@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from floss._checks import check_probabilities, check_tensor
+from floss._interp import upsample_bilinear
 
 logger = logging.getLogger(__name__)
 
@@ -167,23 +168,6 @@ def fuse_rows(expert_fn: Callable[[slice], torch.Tensor], fallback_probs: torch.
     return (fused, source) if return_source else fused
 
 
-def bilinear_matrix(out_size: int, in_size: int, dtype: torch.dtype = torch.float32,
-                    device: torch.device | str | None = None) -> torch.Tensor:
-    """``[out_size, in_size]`` weights of 1-D bilinear resizing with ``align_corners=False`` (no antialias):
-    ``A @ x`` equals ``F.interpolate(..., mode="bilinear", align_corners=False)`` along one axis, so a band of
-    output rows needs only the matching rows of ``A``."""
-    scale = in_size / out_size
-    src = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * scale - 0.5).clamp(min=0.0)
-    lo = src.floor().long().clamp(max=in_size - 1)
-    hi = (lo + 1).clamp(max=in_size - 1)
-    frac = src - lo
-    weights = torch.zeros(out_size, in_size, dtype=torch.float64)
-    rows = torch.arange(out_size)
-    weights.index_put_((rows, lo), 1.0 - frac, accumulate=True)
-    weights.index_put_((rows, hi), frac, accumulate=True)
-    return weights.to(dtype=dtype, device=device)
-
-
 def upsampling_expert_fn(low_res: torch.Tensor, size: tuple[int, int]) -> Callable[[slice], torch.Tensor]:
     """An ``expert_fn`` for :func:`fuse_rows` that bilinearly upsamples ``low_res [E, K, h, w]`` (e.g. per-expert
     softmax on the patch grid, as the authors, protocol §2.3) to ``size = (H, W)`` one band of rows at a time."""
@@ -191,10 +175,9 @@ def upsampling_expert_fn(low_res: torch.Tensor, size: tuple[int, int]) -> Callab
     if (not isinstance(size, (tuple, list)) or len(size) != 2
             or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
         raise ValueError(f"size: expected (H, W) positive ints, received {size!r}")
-    rows_matrix = bilinear_matrix(size[0], low_res.shape[2], low_res.dtype, low_res.device)
-    cols_matrix = bilinear_matrix(size[1], low_res.shape[3], low_res.dtype, low_res.device)
 
     def expert_fn(rows: slice) -> torch.Tensor:
-        return torch.matmul(torch.matmul(rows_matrix[rows], low_res), cols_matrix.T)
+        # reads only the source rows the band needs; bit-identical to F.interpolate on CPU
+        return upsample_bilinear(low_res, tuple(size), rows=rows)
 
     return expert_fn
