@@ -1,0 +1,152 @@
+"""Every notebook of notebooks/ executes through papermill (kernel python3) with tiny parameters on a tiny
+synthetic root, and its outputs are checked against the results JSON they were made from."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("papermill")
+import jupytext  # noqa: E402
+import nbformat  # noqa: E402
+import pandas as pd  # noqa: E402
+import papermill as pm  # noqa: E402
+from jupyter_client.kernelspec import NoSuchKernel, KernelSpecManager  # noqa: E402
+
+from floss.report.tables import DEMO_MARK  # noqa: E402
+
+pytestmark = pytest.mark.slow
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+PAIRS = [("clipdinoiser", "cityscapes"), ("clipdinoiser", "pascalvoc20"), ("maskclip", "cityscapes"),
+         ("maskclip", "pascalvoc20"), ("naclip", "cityscapes")]
+TRANSFER = [("clipdinoiser", "acdc_fog"), ("maskclip", "acdc_fog")]
+ALL = ["tab1_main_results", "tab2_expert_quality", "tab3_transfer", "tab4_fusion", "tab5_backbones",
+       "fig1_single_templates", "fig3_low_data", "fig4_metrics_topn", "fig5_oracle", "fig6_best_experts",
+       "fig7_improvement", "fig10_expert_quality", "fig12_entropy_iou", "qualitative", "authors_vs_ours"]
+TINY = {
+    "tab1_main_results": {"models": ["maskclip", "clipdinoiser"], "datasets": ["cityscapes", "pascalvoc20"]},
+    "tab2_expert_quality": {"models": ["maskclip", "clipdinoiser"], "datasets": ["cityscapes", "pascalvoc20"]},
+    "tab3_transfer": {"models": ["maskclip", "clipdinoiser"], "transfer_datasets": ["acdc_fog"]},
+    "tab4_fusion": {"models": ["maskclip", "clipdinoiser", "naclip"]},
+    "tab5_backbones": {"backbones": {"vitb16": "naclip"}, "datasets": ["cityscapes"]},
+    "fig1_single_templates": {"appendix": {"8": "clipdinoiser"}, "appendix_datasets": ["cityscapes", "pascalvoc20"]},
+    "fig3_low_data": {"datasets": ["cityscapes"], "sizes": [1, 3], "seeds": 2},
+    "fig4_metrics_topn": {"ns": [1, 4]},
+    "fig5_oracle": {"rhos": [0.5, 1.0], "seeds": 1, "oracle_ns": [1, 4]},
+    "fig6_best_experts": {"models": ["clipdinoiser", "maskclip"]},
+    "fig7_improvement": {"models": ["maskclip", "clipdinoiser"], "datasets": ["cityscapes", "pascalvoc20"]},
+    "fig10_expert_quality": {"figures": {"10": "clipdinoiser"}, "datasets": ["cityscapes", "pascalvoc20"]},
+    "fig12_entropy_iou": {"figures": {"12": ["clipdinoiser", "cityscapes"], "14": ["naclip", "cityscapes"]}},
+    "qualitative": {"num_images": 2, "max_images_fallback": 2},
+    "authors_vs_ours": {"models": ["clipdinoiser", "maskclip"], "datasets": ["cityscapes"]},
+}
+
+
+def _ensure_kernel() -> None:
+    try:
+        KernelSpecManager().get_kernel_spec("python3")
+    except NoSuchKernel:   # only touches the running environment (sys.prefix)
+        subprocess.run([sys.executable, "-m", "ipykernel", "install", "--sys-prefix", "--name", "python3"],
+                       check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    """Build the tiny root once, run all 15 notebooks on it; returns (root, {notebook: error or None})."""
+    from report_root import build_root
+    _ensure_kernel()
+    root = tmp_path_factory.mktemp("root")
+    build_root(root, PAIRS, transfer=TRANSFER)
+    errors = {}
+    for name in ALL:
+        nb = jupytext.read(NOTEBOOKS / f"{name}.py")
+        src = root / "nb" / f"{name}.ipynb"
+        src.parent.mkdir(exist_ok=True)
+        nbformat.write(nb, src)
+        try:
+            pm.execute_notebook(str(src), str(root / "reports" / f"{name}.ipynb"), kernel_name="python3",
+                                parameters={"root": str(root), **TINY[name]}, progress_bar=False,
+                                cwd=str(tmp_path_factory.mktemp("cwd")))
+            errors[name] = None
+        except pm.PapermillExecutionError as err:
+            errors[name] = f"{err.ename}: {err.evalue}"
+    return root, errors
+
+
+def test_every_notebook_has_one_parameters_cell_with_root():
+    assert sorted(p.stem for p in NOTEBOOKS.glob("*.py")) == sorted(ALL)
+    for name in ALL:
+        nb = jupytext.read(NOTEBOOKS / f"{name}.py")
+        tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(tagged) == 1 and 'root = ""' in tagged[0].source, name
+        assert set(TINY[name]) <= set(_parameter_names(tagged[0].source)), name
+
+
+def _parameter_names(source: str) -> list[str]:
+    return [line.split("=")[0].strip() for line in source.splitlines() if "=" in line and not line.startswith(" ")]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_notebook_executes(executed, name):
+    _, errors = executed
+    assert errors[name] is None, errors[name]
+
+
+def _results(root, model, dataset, kind="eval"):
+    return json.loads((root / "results" / kind / model / f"{dataset}.json").read_text())
+
+
+def test_table1_numbers_equal_the_results_and_metrics(executed):
+    root, _ = executed
+    csv = pd.read_csv(root / "tables/tab1_main_results.csv", index_col=0)
+    metrics = json.loads((root / "metrics/miou.json").read_text())
+    for model, label in (("maskclip", "MaskCLIP"), ("clipdinoiser", "CLIP-DINOiser")):
+        for dataset, col in (("cityscapes", "CS"), ("pascalvoc20", "VOC20")):
+            res = _results(root, model, dataset)
+            assert csv.loc[label, f"{col} ours"] == pytest.approx(res["methods"]["baseline"]["miou"])
+            assert csv.loc[f"{label} + FLOSS", f"{col} ours"] == pytest.approx(res["methods"]["floss"]["miou"])
+            assert metrics[model][dataset]["floss"] == pytest.approx(res["methods"]["floss"]["miou"])
+    assert csv.loc["CLIP-DINOiser + FLOSS", "CS paper"] == 34.6
+    assert "CLIP [46] (quoted)" in csv.index
+    for ext in ("md", "tex"):
+        assert DEMO_MARK in (root / f"tables/tab1_main_results.{ext}").read_text()
+
+
+def test_tables_3_4_numbers_equal_the_results(executed):
+    root, _ = executed
+    t3 = pd.read_csv(root / "tables/tab3_transfer.csv", index_col=0)
+    fog = _results(root, "clipdinoiser", "acdc_fog", kind="transfer")
+    assert t3.loc["CLIP-DINOiser + FLOSS", "Fog ours"] == pytest.approx(fog["methods"]["floss"]["miou"])
+    t4 = pd.read_csv(root / "tables/tab4_fusion.csv", index_col=0)
+    cs = _results(root, "naclip", "cityscapes")
+    assert t4.loc["NACLIP + FLOSS", "Expert Average ours"] == pytest.approx(cs["methods"]["floss_average"]["miou"])
+    assert t4.loc["NACLIP + FLOSS", "Expert Average paper"] == 36.7
+
+
+def test_every_expected_output_exists_with_demo_marks(executed):
+    root, _ = executed
+    for stem in ("tab1_main_results", "tab2_expert_quality", "tab3_transfer", "tab4_fusion", "tab5_backbones",
+                 "tabfig4c_metrics", "tabfig5_oracle", "tabQ_fallback", "tabA_authors_vs_ours"):
+        for ext in ("md", "tex", "csv"):
+            assert (root / "tables" / f"{stem}.{ext}").is_file(), f"{stem}.{ext}"
+        assert DEMO_MARK in (root / "tables" / f"{stem}.md").read_text(), stem
+    for stem in ("fig1_single_templates", "fig8_single_templates_clipdinoiser", "fig3_low_data", "fig4_metrics_topn",
+                 "fig5_oracle", "fig6_best_experts", "fig7_improvement", "fig10_expert_quality_clipdinoiser",
+                 "fig12_entropy_iou_clipdinoiser_cityscapes", "fig14_entropy_iou_naclip_cityscapes",
+                 "fig12_entropy_iou_authors", "figQ_qualitative"):
+        for ext in ("png", "pdf"):
+            assert (root / "figures" / f"{stem}.{ext}").stat().st_size > 1000, f"{stem}.{ext}"
+
+
+def test_authors_vs_ours_overlap_and_oracle_table(executed):
+    root, _ = executed
+    overlap = pd.read_csv(root / "tables/tabA_authors_vs_ours.csv", index_col=0)
+    # the tiny root's "authors" files are our own clipdinoiser/cityscapes experts: full overlap
+    assert (overlap["overlap"] == 4).all() and len(overlap) == 19
+    oracle = pd.read_csv(root / "tables/tabfig5_oracle.csv", index_col=0)
+    assert oracle.loc["oracle N=4", "mIoU paper"] == 37.5
+    res = _results(root, "clipdinoiser", "cityscapes")
+    assert oracle.loc["FLOSS (entropy)", "mIoU ours"] == pytest.approx(res["methods"]["floss"]["miou"])
