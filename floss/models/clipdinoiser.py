@@ -23,7 +23,6 @@ import logging
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from floss.models.maskclip import MaskCLIP
