@@ -20,8 +20,8 @@ from typing import Callable
 
 import torch
 
-from floss._checks import check_probabilities, check_tensor
-from floss._interp import upsample_bilinear
+from floss._checks import SUM_TOLERANCE, check_probabilities, check_tensor
+from floss._interp import bilinear_matrix
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,31 @@ def _weighted_sum(experts: torch.Tensor, weights: torch.Tensor | None) -> torch.
     return total
 
 
+def _self_predicting(experts: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """``argmax_j experts[k, j] == k`` (first index on ties) for every expert k and pixel.
+
+    ``argmax`` over the class dim of ``[E, K, p]`` is ~15x slower than ``amax`` on CPU, so: candidates are the
+    (k, pixel) pairs whose own probability is the maximum (about one or two per pixel), and the exact argmax
+    (tie rule included) is taken on the gathered vectors of those candidates only.
+    """
+    agree = own == experts.amax(dim=1)
+    ks, ps = agree.nonzero(as_tuple=True)
+    if ks.numel():
+        agree[ks, ps] = experts[ks, :, ps].argmax(dim=1) == ks
+    return agree
+
+
+def _check_chunk(name: str, x: torch.Tensor, dim: int, normalized: bool) -> None:
+    """Fast pass (min/max propagate NaN; one float32 sum) before the detailed ``check_probabilities``, whose
+    ``isfinite(x).all()`` costs ~10 reductions on large chunks; it runs only to produce the error message."""
+    lo, hi = x.amin(), x.amax()
+    ok = bool(torch.isfinite(lo) & torch.isfinite(hi) & (lo >= 0))
+    if ok and normalized:
+        ok = float((x.sum(dim=dim, dtype=torch.float32) - 1).abs().max()) <= SUM_TOLERANCE
+    if not ok:
+        check_probabilities(name, x, dim=dim, normalized=normalized)
+
+
 def _fuse_flat(experts: torch.Tensor, fallback: torch.Tensor, strategy: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Fuse ``experts [E, K, p]`` with ``fallback [K, p]``; returns ``(fused [K, p], source [p] int64)``."""
     num_experts, num_classes, p = experts.shape
@@ -55,11 +80,11 @@ def _fuse_flat(experts: torch.Tensor, fallback: torch.Tensor, strategy: str) -> 
         return (_weighted_sum(experts, None) / num_experts,
                 torch.full((p,), SOURCE_AVERAGED, dtype=torch.long, device=experts.device))
     idx = torch.arange(num_experts, device=experts.device)
-    agree = experts.argmax(dim=1) == idx[:, None]                      # [E, p]
+    own = experts[idx, idx]                                            # [E, p]: S_k(x)[k]
+    agree = _self_predicting(experts, own)                             # [E, p]
     n_agree = agree.sum(dim=0)                                         # [p]
     none, single = n_agree == 0, n_agree == 1
     if strategy == "highest" or strategy == "default":
-        own = experts[idx, idx]                                        # [E, p]: S_k(x)[k]
         score = torch.where(agree, own, torch.full_like(own, -1.0))    # probabilities are >= 0
         winner = score.argmax(dim=0)                                   # first maximum = smallest class index
         fused = experts.gather(0, winner.view(1, 1, p).expand(1, num_classes, p))[0]
@@ -115,13 +140,13 @@ def fuse(expert_probs: torch.Tensor, fallback_probs: torch.Tensor, strategy: str
         raise ValueError(f"chunk_pixels: expected a positive int or None, received {chunk_pixels!r}")
     experts = expert_probs.reshape(num_experts, num_classes, pixels)   # a view for contiguous inputs
     fallback = fallback_probs.reshape(num_classes, pixels)
-    check_probabilities("fallback_probs", fallback, dim=0, normalized=normalized)
+    _check_chunk("fallback_probs", fallback, dim=0, normalized=normalized)
     fused = torch.empty_like(fallback)
     source = torch.empty(pixels, dtype=torch.long, device=fallback.device) if return_source else None
     for start in range(0, pixels, chunk_pixels):
         stop = min(start + chunk_pixels, pixels)
         chunk = experts[:, :, start:stop]
-        check_probabilities("expert_probs", chunk, dim=1, normalized=normalized)  # per chunk: no full-size temp
+        _check_chunk("expert_probs", chunk, dim=1, normalized=normalized)  # per chunk: no full-size temporaries
         out, src = _fuse_flat(chunk, fallback[:, start:stop], strategy)
         fused[:, start:stop] = out
         if source is not None:
@@ -175,9 +200,12 @@ def upsampling_expert_fn(low_res: torch.Tensor, size: tuple[int, int]) -> Callab
     if (not isinstance(size, (tuple, list)) or len(size) != 2
             or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
         raise ValueError(f"size: expected (H, W) positive ints, received {size!r}")
+    # A_rows[band] @ x @ A_cols^T: two small matmuls per band, 4-5x faster on CPU than gather-and-lerp; equal to
+    # F.interpolate up to float rounding (~1e-7 in fp32)
+    rows_matrix = bilinear_matrix(size[0], low_res.shape[2], low_res.dtype, low_res.device)
+    cols_matrix_t = bilinear_matrix(size[1], low_res.shape[3], low_res.dtype, low_res.device).T
 
     def expert_fn(rows: slice) -> torch.Tensor:
-        # reads only the source rows the band needs; bit-identical to F.interpolate on CPU
-        return upsample_bilinear(low_res, tuple(size), rows=rows)
+        return torch.matmul(torch.matmul(rows_matrix[rows], low_res), cols_matrix_t)
 
     return expert_fn
