@@ -113,8 +113,8 @@ def _check_inputs(expert_probs: torch.Tensor, fallback_probs: torch.Tensor, stra
                          f"expert_probs, received {fallback_probs.dtype} on {fallback_probs.device}")
 
 
-def fuse(expert_probs: torch.Tensor, fallback_probs: torch.Tensor, strategy: str = "highest", *,
-         chunk_pixels: int | None = None, return_source: bool = False, normalized: bool = True):
+def fuse(expert_probs: torch.Tensor, fallback_probs: torch.Tensor, strategy: str = "highest",
+         chunk_pixels: int | None = None, *, return_source: bool = False, normalized: bool = True):
     """Fuse expert soft maps into one soft map.
 
     Args:
