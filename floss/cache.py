@@ -402,8 +402,7 @@ class FeatureCache:
     def settings(self):
         """The :class:`floss.models.base.ProtocolSettings` the features were extracted with."""
         from floss.models.base import ProtocolSettings
-        raw = self.manifest["settings"]
-        return ProtocolSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+        return ProtocolSettings.from_dict(dict(self.manifest["settings"]))
 
     @property
     def num_classes(self) -> int:

@@ -1,0 +1,6 @@
+"""``python -m floss``: the command line (floss.cli)."""
+import sys
+
+from floss.cli import main
+
+sys.exit(main())

@@ -1,0 +1,294 @@
+"""Command line: ``python -m floss extract | rank | evaluate | ...`` (``--help`` on each).
+
+    python -m floss extract --model maskclip --dataset cityscapes --split train --data-root data/cityscapes \\
+        --out features/maskclip/cityscapes/train
+    python -m floss rank --features features/maskclip/cityscapes/train --out rankings.json
+    python -m floss evaluate --features features/maskclip/cityscapes/val --rankings rankings.json \\
+        --out results/maskclip_cityscapes.json --fusion highest average
+
+``torchrun --nproc_per_node=N -m floss extract ...`` shards the images over N processes (floss.distributed).
+Logging is configured here and nowhere else. Bad input exits with status 2 and a one-line message naming the
+file or value (no traceback; ``--debug`` shows it). Other modules add subcommands with :func:`add_subcommand`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from floss.cache import CacheError
+
+logger = logging.getLogger("floss.cli")
+
+#: name -> (help, configure(parser), run(args) -> int | None); see :func:`add_subcommand`
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int | None]]] = {}
+#: modules imported before parsing so that they can register their own subcommands
+EXTENSIONS: list[str] = []
+#: exceptions that mean bad input or environment: reported in one line, exit status 2
+USER_ERRORS = (ValueError, TypeError, KeyError, OSError, CacheError)
+
+
+def add_subcommand(name: str, configure: Callable[[argparse.ArgumentParser], None],
+                   run: Callable[[argparse.Namespace], int | None], help: str = "") -> None:
+    """Register ``python -m floss <name>``: ``configure`` adds arguments, ``run(args)`` returns an exit status."""
+    if name in COMMANDS:
+        raise ValueError(f"subcommand {name!r} is already registered")
+    COMMANDS[name] = (help, configure, run)
+
+
+def floss_version() -> str:
+    try:
+        return importlib.metadata.version("floss")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ------------------------------------------------------------------------------------------------ extract
+def _configure_extract(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="maskclip | clipdinoiser | naclip (or a registered model)")
+    p.add_argument("--dataset", required=True, help="dataset name, e.g. cityscapes, pascalvoc20, ade20k, acdc_night")
+    p.add_argument("--split", required=True, choices=("train", "val"))
+    p.add_argument("--data-root", required=True, type=Path, help="the dataset folder in its mmseg layout")
+    p.add_argument("--out", required=True, type=Path, help="feature-cache folder (created; resumed if present)")
+    p.add_argument("--backbone", help="open_clip model name or model-config .json (default: the model's)")
+    p.add_argument("--pretrained", help="open_clip tag, weight file, or 'none' for random weights (tests only)")
+    p.add_argument("--checkpoint", help="extra head weights (CLIP-DINOiser)")
+    p.add_argument("--device", help="cpu | cuda | cuda:i (default: cuda if available; torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--limit", type=int, help="only the first N images (sorted ids)")
+    p.add_argument("--protocol", choices=("authors", "paper"), default="authors")
+    p.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16",
+                   help="feature precision on disk (fp32 for bit-level comparisons)")
+    p.add_argument("--images-per-shard", type=int, default=256)
+
+
+def _weights_id(pretrained: str | None, default: str | None) -> str:
+    from floss.cache import file_sha256
+    tag = pretrained or default or "default"
+    if tag == "none":
+        return "none (random, seed 0)"
+    if os.path.isfile(tag):
+        return f"sha256:{file_sha256(tag)}"
+    return f"tag:{tag}"
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from floss import distributed
+    from floss.cache import CacheWriter, ImageRecord, file_sha256
+    from floss.classes import CLASS_NAMES, MODELS as NAMED_MODELS, query_names
+    from floss.datasets import open_dataset, resolve_name
+    from floss.models import available_models, create_model, settings_for
+    from floss.text import template_embeddings
+
+    if args.model not in available_models():
+        raise ValueError(f"--model: unknown model {args.model!r}; available: {', '.join(available_models())}")
+    dataset = resolve_name(args.dataset)
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit: expected a positive integer, received {args.limit}")
+    ctx = distributed.context()
+    settings = settings_for(args.model, dataset, args.protocol)
+    ds = open_dataset(dataset, args.data_root, args.split)          # checks the layout before any model work
+    ids = sorted(ds.ids)[:args.limit] if args.limit else sorted(ds.ids)
+    mine = distributed.shard(ids, ctx)
+    device = distributed.device_for(args.device, ctx)
+    if args.pretrained == "none":
+        torch.manual_seed(0)      # random weights must be identical across ranks and resumed runs
+    model = create_model(args.model, backbone=args.backbone, pretrained=args.pretrained,
+                         checkpoint=args.checkpoint, device=device)
+    queries, q2c = query_names(dataset, args.model if args.model in NAMED_MODELS else None)
+    text = template_embeddings(model.encode_text, queries, device="cpu")
+    meta = {"model": args.model, "dataset": dataset, "split": args.split, "class_names": list(CLASS_NAMES[dataset]),
+            "query_names": queries, "query_to_class": q2c, "settings": settings.to_dict()}
+    fingerprint = {
+        "model": args.model, "backbone": getattr(model, "backbone", args.backbone),
+        "weights": _weights_id(args.pretrained, getattr(model, "pretrained", None)),
+        "checkpoint": f"sha256:{file_sha256(args.checkpoint)}" if args.checkpoint else None,
+        "settings": settings.to_dict(), "dataset": dataset, "split": args.split, "limit": args.limit,
+        "floss_version": floss_version(), "dtype": args.dtype}
+    dtype = torch.float16 if args.dtype == "fp16" else torch.float32
+    distributed.init_process_group(ctx)
+    with CacheWriter(args.out, meta, fingerprint, text, rank=ctx.rank, world_size=ctx.world_size,
+                     images_per_shard=args.images_per_shard, dtype=dtype) as writer:
+        todo = [i for i in mine if i not in writer.done_ids]
+        logger.info("rank %d/%d: %d of %d images to extract into %s", ctx.rank, ctx.world_size, len(todo),
+                    len(mine), args.out)
+        for sample in tqdm(ds.subset(todo), total=len(todo), desc=f"extract[{ctx.rank}]", disable=None):
+            f = model.extract(sample.image, settings)
+            label = None if sample.label is None else torch.from_numpy(sample.label)
+            writer.add(ImageRecord(sample.id, f.feats, torch.as_tensor(f.boxes), f.resized_size, f.orig_size, label))
+    distributed.barrier()
+    if ctx.is_main:
+        from floss.cache import FeatureCache
+        cache = FeatureCache(args.out)          # merges the partial manifests if no rank did yet
+        logger.info("feature cache %s: %d images, %.2f MiB per image on disk", args.out, len(cache),
+                    cache.bytes_per_image() / 2**20)
+    distributed.shutdown()
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- rank
+def _configure_rank(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--features", required=True, type=Path, help="feature-cache folder (usually the train split)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="rankings JSON; with several --metric values it must contain '{metric}'")
+    p.add_argument("--metric", nargs="+", default=["entropy"], choices=("entropy", "avgprob", "mano", "iti"))
+    p.add_argument("--stats-out", type=Path, help="also save the TemplateStats (safetensors)")
+    p.add_argument("--track-images", action="store_true", help="keep per-image records (for subset analyses)")
+    p.add_argument("--device")
+    p.add_argument("--template-chunk", type=int, default=8, help="templates classified at once (memory)")
+
+
+def rankings_keys(cache) -> list[str]:
+    """Class keys of the rankings JSON: NACLIP's files spell names without spaces (protocol §6)."""
+    from floss.classes import naclip_name
+    if str(cache.manifest["model"]).startswith("naclip"):
+        return [naclip_name(n) for n in cache.class_names]
+    return list(cache.class_names)
+
+
+def run_rank(args: argparse.Namespace) -> int:
+    from floss.cache import FeatureCache
+    from floss.classes import rankings_dataset
+    from floss.protocol import rank_cache
+    from floss.rankings import save_rankings
+
+    metrics = list(dict.fromkeys(args.metric))
+    if len(metrics) > 1 and "{metric}" not in str(args.out):
+        raise ValueError(f"--out: with several metrics ({metrics}) the path must contain '{{metric}}', "
+                         f"received {args.out}")
+    cache = FeatureCache(args.features)
+    st = rank_cache(cache, metrics=metrics, track_images=args.track_images, device=args.device,
+                    template_chunk=args.template_chunk)
+    m = cache.manifest
+    try:
+        dataset = rankings_dataset(m["dataset"])
+    except ValueError:
+        dataset = m["dataset"]
+    for metric in metrics:
+        rankings = st.rankings(rankings_keys(cache), metric=metric, model=m["model"], dataset=dataset, split=m["split"])
+        path = Path(str(args.out).replace("{metric}", metric))
+        save_rankings(rankings, path, metric=metric)
+        logger.info("wrote %s rankings to %s", metric, path)
+    if args.stats_out:
+        st.save(args.stats_out)
+        logger.info("wrote template statistics to %s", args.stats_out)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- evaluate
+def _configure_evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--features", required=True, type=Path, help="feature-cache folder (a labelled split)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="results JSON; the confusion matrices go to <out stem>.confusion.safetensors beside it")
+    p.add_argument("--rankings", type=Path, help="rankings JSON (may come from another dataset with the same classes)")
+    p.add_argument("--n-experts", type=int, default=4)
+    p.add_argument("--metric", default="entropy", help="which ranking of the rankings file selects the experts")
+    p.add_argument("--fusion", nargs="+", default=["highest"], choices=("highest", "average", "default", "average_all"))
+    p.add_argument("--per-template", action="store_true", help="also evaluate the 80 single-template classifiers")
+    p.add_argument("--device")
+
+
+def match_rankings_classes(rankings: dict, class_names: list[str], source: Path) -> list[str]:
+    """The rankings keys in the cache's class order; names are compared without spaces (NACLIP spelling)."""
+    keys = list(rankings.get("classes", {}))
+    by_plain = {k.replace(" ", ""): k for k in keys}
+    plain = [n.replace(" ", "") for n in class_names]
+    missing = [n for n, p in zip(class_names, plain) if p not in by_plain]
+    extra = [k for k in keys if k.replace(" ", "") not in set(plain)]
+    if missing or extra:
+        raise ValueError(f"--rankings: the classes of {source} do not match the feature cache's classes; missing "
+                         f"{missing[:8]}, unknown {extra[:8]} (rankings for {rankings.get('dataset')!r}, "
+                         f"{len(keys)} classes; cache has {len(class_names)})")
+    return [by_plain[p] for p in plain]
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+
+    from floss.cache import FeatureCache
+    from floss.protocol import evaluate_cache
+    from floss.rankings import load_rankings, select_experts
+
+    cache = FeatureCache(args.features)
+    experts = None
+    if args.rankings is not None:
+        rankings = load_rankings(args.rankings)
+        keys = match_rankings_classes(rankings, cache.class_names, args.rankings)
+        experts = select_experts(rankings, n=args.n_experts, metric=args.metric, class_names=keys)
+    results = evaluate_cache(cache, experts=experts, fusions=args.fusion, per_template=args.per_template,
+                             device=args.device)
+    confusion = results.pop("confusion")
+    results["config"].update(rankings=str(args.rankings) if args.rankings else None, n_experts=args.n_experts,
+                             metric=args.metric, features=str(args.features))
+    _write_json(args.out, results)
+    conf_path = args.out.with_name(args.out.stem + ".confusion.safetensors")
+    fd, tmp = tempfile.mkstemp(dir=conf_path.parent, prefix=f".{conf_path.name}.", suffix=".tmp")
+    os.close(fd)
+    save_file({k: v.contiguous() for k, v in confusion.items()}, tmp)
+    os.replace(tmp, conf_path)
+    summary = ", ".join(f"{k} {v['miou']}" for k, v in results["methods"].items())
+    logger.info("mIoU (%%): %s; wrote %s and %s", summary, args.out, conf_path)
+    return 0
+
+
+add_subcommand("extract", _configure_extract, run_extract, "dense features of a dataset split -> feature cache")
+add_subcommand("rank", _configure_rank, run_rank, "per-template statistics and rankings from a feature cache")
+add_subcommand("evaluate", _configure_evaluate, run_evaluate, "baseline / FLOSS / per-template mIoU from a cache")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    for module in EXTENSIONS:
+        importlib.import_module(module)
+    parser = argparse.ArgumentParser(prog="floss", description="FLOSS: free lunch in open-vocabulary segmentation")
+    parser.add_argument("--version", action="version", version=f"floss {floss_version()}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, configure, _) in COMMANDS.items():
+        configure(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, force=True,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"
+                        if os.environ.get("WORLD_SIZE", "1") != "1" else "%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run = COMMANDS[args.command][2]
+    try:
+        return int(run(args) or 0)
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        print(f"floss {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,340 @@
+"""The protocol step: the only place that turns cached window features into per-pixel class scores.
+
+Per window, cosines ``feats · Wᵀ`` on the patch grid; then, by ``settings.softmax_stage`` (protocol §2.3–2.4):
+
+* ``"window"`` (MaskCLIP, CLIP-DINOiser): softmax(logit_scale·cos) per window on the patch grid, bilinear
+  upsampling (align_corners=False) to the window, average of the *probabilities* over windows, bilinear resize
+  to the original size;
+* ``"final"`` (NACLIP): the same with raw cosines, softmax(logit_scale·) after the resize to the original size.
+
+``settings.window_fp16`` casts every upsampled window output to fp16 before accumulation (authors, ADE/COCO).
+Queries -> classes: class score = max over the class's query words (NACLIP VOC20 synonyms; unnormalised on
+purpose). FLOSS (``protocol="authors"``): per window, expert and fallback softmax on the patch grid, upsampled
+to the window, fused per pixel (:func:`floss.fusion.fuse`), fused vectors averaged over windows, resized, argmax
+(§4.1). ``protocol="paper"``: every expert map is classified as above and Eq. 7 is applied at the final size.
+
+Memory is bounded for K = 171 experts: maps are rendered band by band of output rows with separable bilinear
+matrices (exactly the weights of ``F.interpolate``), so a [K, K, H, W] tensor never exists.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from floss.cache import CacheError, FeatureCache, ImageRecord
+from floss.evaluation import confusion_matrix, miou
+from floss.fusion import fuse
+from floss.text import averaged_classifier, expand_experts_to_queries, expert_classifiers
+
+logger = logging.getLogger(__name__)
+
+#: float elements per rendered band (window upsampling temporaries and outputs), ~512 MB in fp32
+MAX_BAND_ELEMENTS = 1 << 27
+IGNORE_INDEX = 255
+
+
+@functools.lru_cache(maxsize=256)
+def _interp_matrix(n_in: int, n_out: int, device: str) -> torch.Tensor:
+    """[n_out, n_in] weights of 1-D bilinear resizing, taken from ``F.interpolate`` itself (same kernel)."""
+    eye = torch.eye(n_in, dtype=torch.float32, device=device)[None]            # [1, n_in(channels), n_in]
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].T.contiguous()
+
+
+def _rows_matmul(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``[r, h] x [N, h, w] -> [N, r, w]`` as one 2-D matmul (a broadcast batched matmul is far slower)."""
+    n, h, w = x.shape
+    return (weights @ x.transpose(0, 1).reshape(h, n * w)).reshape(-1, n, w).transpose(0, 1)
+
+
+class _Renderer:
+    """Window maps [Nw, N, gh, gw] -> bands of the window-averaged map, at the resized or the original size."""
+
+    def __init__(self, record: ImageRecord, out: str | tuple[int, int], device: torch.device):
+        if out not in ("orig", "resized") and not isinstance(out, tuple):
+            raise ValueError(f"out: expected 'orig' or 'resized', received {out!r}")
+        self.dev = str(device)
+        self.boxes = [tuple(int(v) for v in b) for b in record.boxes.tolist()]
+        self.h, self.w = (int(s) for s in record.resized_size)
+        size = {"orig": record.orig_size, "resized": record.resized_size}.get(out, out)
+        self.out_size = (int(size[0]), int(size[1]))
+        self.resize = self.out_size != (self.h, self.w)
+        count = torch.zeros(self.h, self.w, device=device)
+        for y1, y2, x1, x2 in self.boxes:
+            count[y1:y2, x1:x2] += 1
+        if bool((count == 0).any()):
+            raise CacheError(f"record {record.id!r}: the windows {self.boxes} do not cover the resized image "
+                             f"{self.h}x{self.w}")
+        self.count = count
+        if self.resize:
+            self.rows = _interp_matrix(self.h, self.out_size[0], self.dev)
+            self.cols = _interp_matrix(self.w, self.out_size[1], self.dev)
+            nz = self.rows != 0
+            self.lo = nz.int().argmax(1).tolist()                               # first source row per output row
+            self.hi = (self.h - nz.flip(1).int().argmax(1)).tolist()            # one past the last
+
+    def bands(self, channels: int, max_elements: int | None = None):
+        """Output row ranges whose rendering stays within ``max_elements`` floats for ``channels`` channels."""
+        max_elements = MAX_BAND_ELEMENTS if max_elements is None else max_elements
+        width = max(self.w, self.out_size[1])
+        budget_rows = max(1, max_elements // max(1, channels * width))
+        start, H = 0, self.out_size[0]
+        while start < H:
+            stop = start + 1
+            while stop < H and stop - start < budget_rows and (
+                    not self.resize or self.hi[stop] - self.lo[start] <= budget_rows):
+                stop += 1
+            yield start, stop
+            start = stop
+
+    def render(self, maps: torch.Tensor, rows: tuple[int, int],
+               per_window: Callable[[torch.Tensor], torch.Tensor] | None = None,
+               window_fp16: bool = False, canvas_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[N', r1 - r0, W_out] band of the merged map (N' = N, or the channels ``per_window`` returns)."""
+        a, b = rows
+        r0, r1 = (self.lo[a], self.hi[b - 1]) if self.resize else (a, b)
+        canvas = None
+        for (y1, y2, x1, x2), m in zip(self.boxes, maps):
+            ys0, ys1 = max(y1, r0), min(y2, r1)
+            if ys0 >= ys1:
+                continue
+            if (ys0, ys1) == (y1, y2):   # whole window: the native kernel (bit-identical to mmseg's resize)
+                up = F.interpolate(m[None], size=(y2 - y1, x2 - x1), mode="bilinear", align_corners=False)[0]
+            else:                        # a band of rows: the same weights as matrices, only those rows
+                uh = _interp_matrix(m.shape[-2], y2 - y1, self.dev)[ys0 - y1:ys1 - y1]
+                uw = _interp_matrix(m.shape[-1], x2 - x1, self.dev)
+                up = _rows_matmul(uh, torch.matmul(m, uw.T))                     # [N, ys1 - ys0, x2 - x1]
+            if window_fp16:
+                up = up.half()
+            if per_window is not None:
+                up = per_window(up)
+            if canvas is None:
+                canvas = torch.zeros(up.shape[0], r1 - r0, self.w, dtype=canvas_dtype, device=up.device)
+            canvas[:, ys0 - r0:ys1 - r0, x1:x2] += up.to(canvas_dtype)
+        canvas = canvas / self.count[r0:r1].to(canvas_dtype)
+        if not self.resize:
+            return canvas
+        canvas = canvas.float()
+        if (a, b) == (0, self.out_size[0]):
+            return F.interpolate(canvas[None], size=self.out_size, mode="bilinear", align_corners=False)[0]
+        return _rows_matmul(self.rows[a:b, r0:r1], torch.matmul(canvas, self.cols.T))
+
+
+def _device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def window_scores(record: ImageRecord, classifiers: torch.Tensor, settings, softmax: bool,
+                  device=None) -> torch.Tensor:
+    """Per-window cosines (or softmax(logit_scale·cos) over queries) on the patch grid: [Nw, C, Q, gh, gw]."""
+    if not isinstance(classifiers, torch.Tensor) or classifiers.ndim != 3:
+        got = tuple(classifiers.shape) if isinstance(classifiers, torch.Tensor) else type(classifiers).__name__
+        raise ValueError(f"classifiers: expected a tensor [C, Q, D], received {got}")
+    if classifiers.shape[2] != record.feats.shape[1]:
+        raise ValueError(f"classifiers: expected feature dimension D = {record.feats.shape[1]} (cache), received "
+                         f"{classifiers.shape[2]}")
+    device = _device(device) if device is not None else classifiers.device
+    feats = record.feats.to(device, torch.float32)
+    cos = torch.einsum("ndhw,cqd->ncqhw", feats, classifiers.to(device, torch.float32))
+    return torch.softmax(settings.logit_scale * cos, dim=2) if softmax else cos
+
+
+def classify(record: ImageRecord, classifiers: torch.Tensor, settings, out: str = "orig", logits: bool = False,
+             device=None) -> torch.Tensor:
+    """Per-pixel query scores [C, Q, H, W] of C classifiers [C, Q, D] for one cached image.
+
+    ``out="orig"``: at the label size (the authors' protocol); ``"resized"``: the window-averaged map before the
+    final resize (for ``"final"`` the softmax is then taken at that size). ``logits=True``: window-averaged raw
+    cosines without any softmax. Merge queries into classes with :func:`merge_queries`.
+    """
+    device = _device(device) if device is not None else classifiers.device
+    renderer = _Renderer(record, out, device)
+    final = settings.softmax_stage == "final" or logits
+    maps = window_scores(record, classifiers, settings, softmax=not final, device=device)
+    nw, c, q = maps.shape[:3]
+    maps = maps.reshape(nw, c * q, *maps.shape[3:])
+    result = torch.empty(c * q, *renderer.out_size, device=device)
+    for a, b in renderer.bands(c * q):
+        result[:, a:b] = renderer.render(maps, (a, b), window_fp16=settings.window_fp16)
+    result = result.reshape(c, q, *renderer.out_size)
+    if settings.softmax_stage == "final" and not logits:
+        result = torch.softmax(settings.logit_scale * result, dim=1)
+    return result
+
+
+def merge_queries(scores: torch.Tensor, query_to_class: Sequence[int], num_classes: int) -> torch.Tensor:
+    """[..., Q, H, W] query scores -> [..., K, H, W] class scores (max over each class's query words)."""
+    q2c = list(query_to_class)
+    if scores.shape[-3] != len(q2c):
+        raise ValueError(f"scores: expected Q = {len(q2c)} queries on dim -3, received shape {tuple(scores.shape)}")
+    if q2c == list(range(num_classes)):
+        return scores
+    groups = [[q for q, k in enumerate(q2c) if k == c] for c in range(num_classes)]
+    return torch.stack([scores[..., g, :, :].amax(dim=-3) for g in groups], dim=-3)
+
+
+def _window_averaged_features(record: ImageRecord, device: torch.device) -> torch.Tensor:
+    """Window-averaged features [D, h', w'] on the patch-grid resolution of the resized image (for ITI).
+
+    Averaging at pixel resolution would cost D·h·w floats per image; the patch grid keeps the same information.
+    """
+    y1, y2, x1, x2 = (int(v) for v in record.boxes[0])
+    gh, gw = record.feats.shape[-2:]
+    h, w = record.resized_size
+    size = (max(1, round(h * gh / (y2 - y1))), max(1, round(w * gw / (x2 - x1))))
+    renderer = _Renderer(record, size, device)
+    feats = record.feats.to(device, torch.float32)
+    out = torch.cat([renderer.render(feats, band) for band in renderer.bands(feats.shape[1])], dim=1)
+    return F.normalize(out, dim=0)
+
+
+def rank_cache(cache: FeatureCache, metrics: Sequence[str] = ("entropy",), track_images: bool = False,
+               device=None, progress: bool = True, template_chunk: int = 8):
+    """Sufficient statistics of the M single-template classifiers over every cached image (protocol §3).
+
+    Templates are processed ``template_chunk`` at a time (fewer when the maps would exceed the memory budget).
+    ``"window"``: the window-averaged probabilities at the resized size go to ``TemplateStats.update`` with
+    ``size=orig`` (it upsamples them, no re-softmax); with ``window_fp16`` the canvas is fp16 as the authors'
+    compute_metric. ``"final"``: cosines are averaged, resized to the original size, then softmax(logit_scale·),
+    then the synonym max (unnormalised, ``normalized=False``).
+    """
+    from floss.stats import TemplateStats   # imported here: only ranking needs it
+
+    device = _device(device)
+    settings = cache.settings
+    text = cache.text.to(device)
+    M, Q, D = text.shape
+    K = cache.num_classes
+    normalized = Q == K
+    st = TemplateStats(M, K, metrics=tuple(metrics), feature_dim=D if "iti" in metrics else None,
+                       track_images=track_images, device=device)
+    window = settings.softmax_stage == "window"
+    for record in tqdm(cache, desc="rank", disable=None if progress else True):
+        feats = _window_averaged_features(record, device) if "iti" in metrics else None
+        out = "resized" if window else "orig"
+        H, W = record.resized_size if window else record.orig_size
+        chunk = max(1, min(template_chunk, MAX_BAND_ELEMENTS // max(1, Q * H * W)))
+        for start in range(0, M, chunk):
+            ids = list(range(start, min(start + chunk, M)))
+            if window:
+                renderer = _Renderer(record, out, device)
+                maps = window_scores(record, text[ids], settings, softmax=True, device=device)
+                maps = maps.reshape(maps.shape[0], -1, *maps.shape[3:])
+                canvas = torch.float16 if settings.window_fp16 else torch.float32
+                probs = torch.cat([renderer.render(maps, band, window_fp16=settings.window_fp16, canvas_dtype=canvas)
+                                   for band in renderer.bands(maps.shape[1])], dim=1)
+                probs = probs.reshape(len(ids), Q, H, W)
+            else:
+                probs = classify(record, text[ids], settings, out=out, device=device)
+            probs = merge_queries(probs, cache.query_to_class, K)
+            st.update(probs, size=tuple(record.orig_size) if window else None, templates=ids, features=feats,
+                      image_id=record.id if track_images else None, normalized=normalized)
+    return st
+
+
+def _iou_dict(conf: torch.Tensor, class_names: Sequence[str]) -> dict:
+    iou, mean = miou(conf)
+    return {"miou": None if math.isnan(mean) else round(100.0 * float(mean), 4),
+            "iou": {n: None if math.isnan(v) else 100.0 * float(v) for n, v in zip(class_names, iou.tolist())}}
+
+
+def evaluate_cache(cache: FeatureCache, experts: Sequence[Sequence[int]] | None = None,
+                   fusions: Sequence[str] = ("highest",), per_template: bool = False, device=None,
+                   progress: bool = True) -> dict:
+    """Confusion matrices and IoU (percent) of the baseline, FLOSS (one entry per fusion) and optionally the M
+    single-template classifiers; returns the results.json dict plus ``"confusion": {method: [K, K] int64}``
+    (``"per_template"``: [M, K, K]). ``experts``: one template-id list per class (class order of the cache).
+    """
+    device = _device(device)
+    settings = cache.settings
+    text = cache.text.to(device)
+    M, Q, D = text.shape
+    K, q2c = cache.num_classes, cache.query_to_class
+    fusions = list(dict.fromkeys(fusions))
+    if experts is not None and len(experts) != K:
+        raise ValueError(f"experts: expected one template-id list per class ({K} classes of the cache), "
+                         f"received {len(experts)}")
+    if experts is not None and not fusions:
+        raise ValueError("fusions: expected at least one fusion strategy with experts")
+    base_w = averaged_classifier(text, renormalize=True)[None]
+    conf = {"baseline": torch.zeros(K, K, dtype=torch.int64, device=device)}
+    if experts is not None:
+        expert_w = expert_classifiers(text, expand_experts_to_queries(experts, q2c),
+                                      renormalize=settings.renormalize_experts)
+        fallback_w = averaged_classifier(text, renormalize=settings.renormalize_fallback)[None]
+        floss_w = torch.cat([expert_w, fallback_w])                           # [Q + 1, Q, D]
+        conf.update({f"floss_{s}": torch.zeros(K, K, dtype=torch.int64, device=device) for s in fusions})
+    if per_template:
+        conf["per_template"] = torch.zeros(M, K, K, dtype=torch.int64, device=device)
+    final = settings.softmax_stage == "final"
+
+    def add(name: str, scores: torch.Tensor, label: torch.Tensor, index=None) -> None:
+        pred = merge_queries(scores, q2c, K).argmax(dim=-3)
+        cm = confusion_matrix(pred, label, K, ignore_index=IGNORE_INDEX)
+        if index is None:
+            conf[name] += cm.to(device)
+        else:
+            conf[name][index] += cm.to(device)
+
+    def fuse_all(maps: torch.Tensor) -> torch.Tensor:   # [(Q+1)·Q, r, c] -> [S·Q, r, c]
+        maps = maps.reshape(Q + 1, Q, *maps.shape[1:])
+        return torch.cat([fuse(maps[:Q], maps[Q], s) for s in fusions])
+
+    for record in tqdm(cache, desc="evaluate", disable=None if progress else True):
+        if record.label is None:
+            raise CacheError(f"image {record.id!r} of {cache.root} has no label: evaluation needs a labelled split")
+        label = record.label.to(device).long()
+        renderer = _Renderer(record, "orig", device)
+        # baseline: softmax is monotone per pixel, so the argmax (and the synonym max) needs no softmax
+        maps = window_scores(record, base_w, settings, softmax=not final, device=device)[:, 0]
+        for a, b in renderer.bands(Q):
+            add("baseline", renderer.render(maps, (a, b), window_fp16=settings.window_fp16), label[a:b])
+        if experts is not None:
+            paper = settings.protocol == "paper"
+            maps = window_scores(record, floss_w, settings, softmax=not (paper and final), device=device)
+            maps = maps.reshape(maps.shape[0], -1, *maps.shape[3:])
+            for a, b in renderer.bands(maps.shape[1]):
+                if paper:       # Eq. 7 at the final resolution on each expert's window-averaged map
+                    band = renderer.render(maps, (a, b), window_fp16=settings.window_fp16)
+                    band = band.reshape(Q + 1, Q, b - a, -1)
+                    if final:
+                        band = torch.softmax(settings.logit_scale * band, dim=1)
+                    band = torch.cat([fuse(band[:Q], band[Q], s) for s in fusions])
+                else:           # the authors: fusion per window at crop resolution (§4.1)
+                    band = renderer.render(maps, (a, b), per_window=fuse_all, window_fp16=settings.window_fp16)
+                for i, s in enumerate(fusions):
+                    add(f"floss_{s}", band[i * Q:(i + 1) * Q], label[a:b])
+        if per_template:
+            chunk = 8
+            for start in range(0, M, chunk):
+                ids = list(range(start, min(start + chunk, M)))
+                maps = window_scores(record, text[ids], settings, softmax=not final, device=device)
+                maps = maps.reshape(maps.shape[0], -1, *maps.shape[3:])
+                for a, b in renderer.bands(maps.shape[1]):
+                    band = renderer.render(maps, (a, b), window_fp16=settings.window_fp16)
+                    band = band.reshape(len(ids), Q, b - a, -1)
+                    for j, t in enumerate(ids):
+                        add("per_template", band[j], label[a:b], index=t)
+
+    conf = {k: v.cpu() for k, v in conf.items()}
+    names = cache.class_names
+    methods = {"baseline": _iou_dict(conf["baseline"], names)}
+    if experts is not None:
+        methods["floss"] = _iou_dict(conf[f"floss_{fusions[0]}"], names)
+        methods.update({f"floss_{s}": _iou_dict(conf[f"floss_{s}"], names) for s in fusions})
+    m = cache.manifest
+    results = {"model": m["model"], "dataset": m["dataset"], "split": m["split"], "methods": methods,
+               "per_template": ({str(t): _iou_dict(conf["per_template"][t], names) for t in range(M)}
+                                if per_template else {}),
+               "experts": [list(map(int, e)) for e in experts] if experts is not None else None,
+               "config": {"protocol": settings.protocol, "fusions": fusions if experts is not None else [],
+                          "num_images": len(cache), "settings": m["settings"], "fingerprint": m["fingerprint"]},
+               "confusion": conf}
+    return results
