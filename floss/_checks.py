@@ -30,6 +30,11 @@ def check_tensor(name: str, x, ndim: int | None = None, shape: Sequence[int | No
 
 
 def check_finite(name: str, x: torch.Tensor) -> None:
+    # amin/amax propagate NaN and expose ±Inf at a fraction of the cost of isfinite(x).all() on large tensors
+    if x.numel() == 0 or not x.is_floating_point():
+        return
+    if bool(torch.isfinite(x.amin()) & torch.isfinite(x.amax())):
+        return
     if not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name}: expected finite values, received {bad} NaN/Inf entries")
