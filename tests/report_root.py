@@ -16,7 +16,7 @@ from floss.synthetic import write_synthetic_cache
 
 METRICS = ("entropy", "avgprob", "mano", "iti")
 FUSIONS = ("highest", "average", "default", "average_all")
-TRAIN_IMAGES, VAL_IMAGES = 6, 3
+TRAIN_IMAGES, VAL_IMAGES = 4, 2
 
 
 def _write_json(path: Path, doc: dict) -> None:

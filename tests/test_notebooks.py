@@ -65,10 +65,11 @@ def executed(tmp_path_factory):
         nb = jupytext.read(NOTEBOOKS / f"{name}.py")
         src = root / "nb" / f"{name}.ipynb"
         src.parent.mkdir(exist_ok=True)
+        (root / "reports").mkdir(exist_ok=True)
         nbformat.write(nb, src)
         try:
             pm.execute_notebook(str(src), str(root / "reports" / f"{name}.ipynb"), kernel_name="python3",
-                                parameters={"root": str(root), **TINY[name]}, progress_bar=False,
+                                parameters={"root": str(root), **TINY[name]}, progress_bar=False, language="python",
                                 cwd=str(tmp_path_factory.mktemp("cwd")))
             errors[name] = None
         except pm.PapermillExecutionError as err:
