@@ -1,0 +1,151 @@
+"""The authors' published data: 15 rankings files, the per-template IoU of CLIP-DINOiser on Cityscapes and the
+top-4 experts derived from the rankings (Fig. 12 and the authors-vs-ours comparison need them).
+
+Source: the FLOSS repository's raw files (``authors.url`` in params.yaml), or a local folder with the same files
+(``authors.local``; flat or with the repository's ``notebooks/`` sub-folder). Every file is schema-checked
+(:func:`floss.rankings.validate_rankings`) before it is written, atomically, under ``data/authors/``. These are
+third-party data: they are never committed to this repository.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Mapping
+
+logger = logging.getLogger(__name__)
+
+MODELS = ("maskclip", "clipdinoiser", "naclip")
+DATASETS = ("cityscapes", "pascalvoc20", "pascalco59", "ade20k", "cocostuff")
+IOU_FILE = "iou_per_template_clipdinoiser_cityscapes.json"
+TOP4_FILE = "top4_experts.json"
+
+
+def rankings_relpath(model: str, dataset: str) -> str:
+    return f"rankings/{model}/template_rankings_{model}_{dataset}.json"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _download(url: str, timeout: float) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.read()
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        raise ConnectionError(
+            f"authors.url: could not download {url} ({err}). Without network access, set authors.local in "
+            "params.yaml to a folder holding the authors' files (rankings/<model>/template_rankings_<model>_"
+            f"<dataset>.json and {IOU_FILE}), e.g. ../shared/reference/authors") from err
+
+
+def _read_local(local: Path, relpath: str) -> bytes:
+    candidates = [local / relpath]
+    if relpath.startswith("notebooks/"):
+        candidates.append(local / relpath.removeprefix("notebooks/"))   # flat copies
+    for path in candidates:
+        if path.is_file():
+            return path.read_bytes()
+    raise FileNotFoundError(f"authors.local: {candidates[0]} not found (expected the authors' files under {local})")
+
+
+def _parse(data: bytes, source: str) -> dict:
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{source}: not valid JSON ({err})") from err
+
+
+def validate_iou(doc: Mapping, source: str) -> None:
+    """The per-template IoU file: {"mIoU": {tid: %}, <class>: {tid: %}} with the 19 Cityscapes classes."""
+    from floss.classes import CLASS_NAMES
+
+    expected = ["mIoU", *CLASS_NAMES["cityscapes"]]
+    if not isinstance(doc, Mapping) or sorted(doc) != sorted(expected):
+        got = sorted(doc)[:6] if isinstance(doc, Mapping) else type(doc).__name__
+        raise ValueError(f"{source}: expected the keys mIoU + the 19 Cityscapes classes, received {got}")
+    ids = {str(t) for t in range(80)}
+    for key, values in doc.items():
+        if not isinstance(values, Mapping) or set(values) != ids:
+            raise ValueError(f"{source}[{key!r}]: expected IoU values for template ids '0'..'79'")
+        bad = [t for t, v in values.items() if isinstance(v, bool) or not isinstance(v, (int, float))
+               or not 0 <= v <= 100]
+        if bad:
+            raise ValueError(f"{source}[{key!r}]: expected IoU percentages in [0, 100], received "
+                             f"{values[bad[0]]!r} for template {bad[0]}")
+
+
+def top_experts(rankings: Mapping[str, Mapping], n: int = 4) -> dict[str, dict[str, list[int]]]:
+    """``{"<model>/<dataset>": {class: [n template ids]}}`` from rankings documents keyed the same way."""
+    from floss.rankings import select_experts
+
+    out = {}
+    for key, doc in rankings.items():
+        names = list(doc["classes"])
+        out[key] = dict(zip(names, select_experts(doc, n=n, class_names=names)))
+    return out
+
+
+def fetch_authors(dest: str | os.PathLike, *, url: str, local: str | os.PathLike | None = None,
+                  timeout: float = 15.0) -> Path:
+    """Copy (``local``) or download (``url``) the authors' files into ``dest``, validated; returns ``dest``.
+
+    A download fails on the first file that cannot be fetched, with a message naming ``authors.local``.
+    ``top4_experts.json`` is computed from the rankings (:func:`floss.rankings.select_experts`); when the
+    source also has one, the two must agree.
+    """
+    from floss.classes import ranking_keys
+    from floss.rankings import validate_rankings
+
+    dest = Path(dest)
+    local = Path(local) if local is not None else None
+    if local is not None and not local.is_dir():
+        raise FileNotFoundError(f"authors.local: {local} is not a folder (expected the authors' files there)")
+
+    def get(relpath: str) -> bytes:
+        if local is not None:
+            return _read_local(local, relpath)
+        return _download(f"{url.rstrip('/')}/{relpath}", timeout)
+
+    staged: dict[str, bytes] = {}
+    rankings: dict[str, dict] = {}
+    for model in MODELS:
+        for dataset in DATASETS:
+            rel = rankings_relpath(model, dataset)
+            data = get(rel)
+            doc = _parse(data, rel)
+            validate_rankings(doc, class_names=ranking_keys(dataset, model))
+            if doc.get("model") != model or doc.get("dataset") != dataset:
+                raise ValueError(f"{rel}: expected model {model!r} and dataset {dataset!r}, received "
+                                 f"{doc.get('model')!r} and {doc.get('dataset')!r}")
+            staged[rel], rankings[f"{model}/{dataset}"] = data, doc
+    data = get(f"notebooks/{IOU_FILE}")
+    validate_iou(_parse(data, IOU_FILE), IOU_FILE)
+    staged[IOU_FILE] = data
+    top4 = top_experts(rankings, n=4)
+    if local is not None and (local / TOP4_FILE).is_file():
+        theirs = _parse((local / TOP4_FILE).read_bytes(), str(local / TOP4_FILE))
+        if theirs != top4:
+            diff = sorted(k for k in set(theirs) | set(top4) if theirs.get(k) != top4.get(k))
+            raise ValueError(f"{local / TOP4_FILE}: differs from the top-4 experts computed from the rankings "
+                             f"for {diff[:5]}")
+    staged[TOP4_FILE] = (json.dumps(top4, indent=1) + "\n").encode()
+    if dest.exists() and not dest.is_dir():
+        raise NotADirectoryError(f"dest: {dest} exists and is not a folder")
+    for rel, data in staged.items():
+        _atomic_write(dest / rel, data)
+    logger.info("authors' data: %d files in %s (from %s)", len(staged), dest, local or url)
+    return dest

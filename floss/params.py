@@ -1,0 +1,222 @@
+"""Load and validate params.yaml before any heavy work (every pipeline stage starts here).
+
+A bad value fails with one line naming the key, what was expected and what was received, e.g.
+``params.yaml: evaluate.n_experts: expected an integer in 1..80, got 0``. Sections not read by the pipeline's
+own stages (notebook settings added later) are allowed; unknown keys *inside* a known section are errors, so a
+typo never silently falls back to a default. Light imports only (no torch): ``check-params`` stays instant.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from floss import paths
+
+MODELS = ("maskclip", "naclip", "clipdinoiser", "naclip_vitl14")
+RANKING_DATASETS = ("cityscapes", "pascalvoc20", "pascalco59", "ade20k", "cocostuff")
+TRANSFER_DATASETS = ("acdc_night", "acdc_fog", "acdc_rain", "acdc_snow", "bdd", "mapillary")
+METRICS = ("entropy", "avgprob", "mano", "iti")
+FUSIONS = ("highest", "average", "default", "average_all")
+NUM_TEMPLATES = 80
+
+_SECTIONS = {
+    "authors": {"url", "local", "timeout_s"},
+    "transfer": {"models", "datasets"},
+    "extract": {"protocol", "device", "gpus", "dtype", "images_per_shard", "dataset_dirs", "weights"},
+    "synthetic": {"seed", "feature_dim", "planted_per_class", "images"},
+    "rank": {"metrics", "device"},
+    "evaluate": {"n_experts", "metric", "fusions", "per_template", "device"},
+    "low_data": {"model", "datasets", "sizes", "seeds"},
+    "oracle": {"rhos", "seeds", "ns"},
+    "qualitative": {"num_images"},
+}
+_REQUIRED = ("profile", "data_root", "authors", "models", "transfer", "extract", "synthetic", "rank", "evaluate")
+
+
+class ParamsError(ValueError):
+    """An invalid params.yaml; the message names the key."""
+
+
+def _fail(key: str, expected: str, got: Any) -> None:
+    raise ParamsError(f"params.yaml: {key}: expected {expected}, got {got!r}")
+
+
+def _int(p: Mapping, key: str, low: int, high: int | None = None) -> int:
+    v = p[key.rsplit(".", 1)[-1]]
+    if isinstance(v, bool) or not isinstance(v, int) or v < low or (high is not None and v > high):
+        _fail(key, f"an integer in {low}..{high}" if high is not None else f"an integer >= {low}", v)
+    return v
+
+
+def _choice(value: Any, key: str, choices) -> Any:
+    if value not in choices:
+        _fail(key, f"one of {', '.join(map(str, choices))}", value)
+    return value
+
+
+def _names(value: Any, key: str, choices, allow_empty: bool = False) -> list:
+    if not isinstance(value, list) or (not value and not allow_empty):
+        _fail(key, "a list" if allow_empty else "a non-empty list", value)
+    for i, v in enumerate(value):
+        _choice(v, f"{key}[{i}]", choices)
+    if len(set(value)) != len(value):
+        _fail(key, "a list without duplicates", value)
+    return value
+
+
+def _device(value: Any, key: str) -> None:
+    ok = isinstance(value, str) and (value in ("auto", "cpu", "cuda") or
+                                     (value.startswith("cuda:") and value[5:].isdigit()))
+    if not ok:
+        _fail(key, "auto, cpu, cuda or cuda:N", value)
+
+
+def _section(params: Mapping, name: str) -> Mapping:
+    sec = params.get(name)
+    if not isinstance(sec, Mapping):
+        _fail(name, "a mapping (section)", sec)
+    unknown = sorted(set(sec) - _SECTIONS[name])
+    missing = sorted(_SECTIONS[name] - set(sec) - {"dataset_dirs"})
+    if unknown:
+        raise ParamsError(f"params.yaml: {name}: unknown key(s) {unknown}; expected {sorted(_SECTIONS[name])}")
+    if missing:
+        raise ParamsError(f"params.yaml: {name}: missing key(s) {missing}")
+    return sec
+
+
+def validate_params(params: Any, *, check_paths: bool = True) -> dict:
+    """Check every key the pipeline reads; return ``params`` (a dict) unchanged. Raises :class:`ParamsError`."""
+    if not isinstance(params, Mapping):
+        raise ParamsError(f"params.yaml: expected a mapping at the top level, got {type(params).__name__}")
+    for key in _REQUIRED:
+        if key not in params:
+            raise ParamsError(f"params.yaml: {key}: missing (required)")
+    profile = _choice(params["profile"], "profile", ("demo", "paper"))
+    root = params["data_root"]
+    if profile == "paper":
+        if not isinstance(root, str) or not root:
+            _fail("data_root", "the folder of the datasets (required by profile paper)", root)
+        if check_paths and not paths.from_root(root).is_dir():
+            _fail("data_root", "an existing folder", str(paths.from_root(root)))
+    elif root is not None and not isinstance(root, str):
+        _fail("data_root", "null or a folder path", root)
+
+    a = _section(params, "authors")
+    if not isinstance(a["url"], str) or not a["url"].startswith(("http://", "https://")):
+        _fail("authors.url", "an http(s) URL", a["url"])
+    if a["local"] is not None and (not isinstance(a["local"], str) or not a["local"]):
+        _fail("authors.local", "null or a folder path", a["local"])
+    if isinstance(a["timeout_s"], bool) or not isinstance(a["timeout_s"], (int, float)) or a["timeout_s"] <= 0:
+        _fail("authors.timeout_s", "a positive number of seconds", a["timeout_s"])
+
+    models = params["models"]
+    if not isinstance(models, Mapping) or not models:
+        _fail("models", "a non-empty mapping model -> list of datasets", models)
+    for m, datasets in models.items():
+        _choice(m, "models", MODELS)
+        _names(datasets, f"models.{m}", RANKING_DATASETS)
+
+    t = _section(params, "transfer")
+    _names(t["models"], "transfer.models", [m for m in models if "cityscapes" in models[m]], allow_empty=True)
+    _names(t["datasets"], "transfer.datasets", TRANSFER_DATASETS, allow_empty=True)
+
+    ex = _section(params, "extract")
+    _choice(ex["protocol"], "extract.protocol", ("authors", "paper"))
+    _device(ex["device"], "extract.device")
+    _int(ex, "extract.gpus", 1, 64)
+    _choice(ex["dtype"], "extract.dtype", ("fp16", "fp32"))
+    _int(ex, "extract.images_per_shard", 1)
+    dirs = ex.get("dataset_dirs", {})
+    if not isinstance(dirs, Mapping):
+        _fail("extract.dataset_dirs", "a mapping dataset -> folder", dirs)
+    for d in dirs:
+        _choice(d, "extract.dataset_dirs", RANKING_DATASETS + TRANSFER_DATASETS)
+    w = ex["weights"]
+    if not isinstance(w, Mapping):
+        _fail("extract.weights", "a mapping model -> {backbone, pretrained, checkpoint}", w)
+    for m in models:
+        entry = w.get(m)
+        if not isinstance(entry, Mapping) or set(entry) != {"backbone", "pretrained", "checkpoint"}:
+            _fail(f"extract.weights.{m}", "a mapping with exactly backbone, pretrained, checkpoint", entry)
+        for k in ("backbone", "pretrained", "checkpoint"):
+            if entry[k] is not None and not isinstance(entry[k], str):
+                _fail(f"extract.weights.{m}.{k}", "null or a string", entry[k])
+        if profile == "paper" and check_paths and entry["checkpoint"] and \
+                not paths.from_root(entry["checkpoint"]).is_file():
+            _fail(f"extract.weights.{m}.checkpoint", "an existing file", str(paths.from_root(entry["checkpoint"])))
+
+    s = _section(params, "synthetic")
+    _int(s, "synthetic.seed", 0)
+    _int(s, "synthetic.feature_dim", 8, 4096)
+    _int(s, "synthetic.planted_per_class", 1, NUM_TEMPLATES)
+    images = s["images"]
+    if not isinstance(images, Mapping):
+        _fail("synthetic.images", "a mapping dataset -> {train, val}", images)
+    needed = {d for ds in models.values() for d in ds} | ({"transfer"} if t["datasets"] else set())
+    for d in sorted(needed):
+        splits = ("val",) if d == "transfer" else ("train", "val")
+        entry = images.get(d)
+        if not isinstance(entry, Mapping) or set(entry) != set(splits):
+            _fail(f"synthetic.images.{d}", f"a mapping with exactly {', '.join(splits)}", entry)
+        for sp in splits:
+            _int(entry, f"synthetic.images.{d}.{sp}", 1)
+
+    r = _section(params, "rank")
+    _names(r["metrics"], "rank.metrics", METRICS)
+    _device(r["device"], "rank.device")
+    ev = _section(params, "evaluate")
+    _int(ev, "evaluate.n_experts", 1, NUM_TEMPLATES)
+    _choice(ev["metric"], "evaluate.metric", r["metrics"])
+    _names(ev["fusions"], "evaluate.fusions", FUSIONS)
+    if not isinstance(ev["per_template"], bool):
+        _fail("evaluate.per_template", "true or false", ev["per_template"])
+    _device(ev["device"], "evaluate.device")
+    _validate_notebooks(params, models)
+    return dict(params)
+
+
+def _validate_notebooks(params: Mapping, models: Mapping) -> None:
+    if "low_data" in params:
+        ld = _section(params, "low_data")
+        _choice(ld["model"], "low_data.model", list(models))
+        _names(ld["datasets"], "low_data.datasets", models[ld["model"]])
+        sizes = ld["sizes"]
+        if not isinstance(sizes, list) or not sizes or any(isinstance(v, bool) or not isinstance(v, int) or v < 1
+                                                           for v in sizes) or sizes != sorted(set(sizes)):
+            _fail("low_data.sizes", "an increasing list of positive integers", sizes)
+        _int(ld, "low_data.seeds", 1)
+    if "topn" in params:
+        ns = params["topn"]
+        if not isinstance(ns, list) or not ns or any(isinstance(v, bool) or not isinstance(v, int)
+                                                     or not 1 <= v <= NUM_TEMPLATES for v in ns):
+            _fail("topn", f"a non-empty list of integers in 1..{NUM_TEMPLATES}", ns)
+    if "oracle" in params:
+        o = _section(params, "oracle")
+        n = params["evaluate"]["n_experts"]
+        rhos = o["rhos"]
+        if not isinstance(rhos, list) or not rhos or any(
+                isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1
+                or abs(v * n - round(v * n)) > 1e-9 for v in rhos):
+            _fail("oracle.rhos", f"a non-empty list of ratios in [0, 1] that are multiples of 1/{n} "
+                  "(evaluate.n_experts)", rhos)
+        _int(o, "oracle.seeds", 1)
+        if not isinstance(o["ns"], list) or not o["ns"] or any(
+                isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= NUM_TEMPLATES for v in o["ns"]):
+            _fail("oracle.ns", f"a non-empty list of integers in 1..{NUM_TEMPLATES}", o["ns"])
+    if "qualitative" in params:
+        _int(_section(params, "qualitative"), "qualitative.num_images", 1, 50)
+
+
+def load_params(path: str | os.PathLike | None = None, *, check_paths: bool = True) -> dict:
+    """Read and validate params.yaml (default: ``<repo>/params.yaml``)."""
+    path = Path(path) if path is not None else paths.ROOT / "params.yaml"
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found")
+    try:
+        params = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML ({err})") from err
+    return validate_params(params, check_paths=check_paths)
