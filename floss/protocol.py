@@ -77,6 +77,47 @@ class _Renderer:
             nz = self.rows != 0
             self.lo = nz.int().argmax(1).tolist()                               # first source row per output row
             self.hi = (self.h - nz.flip(1).int().argmax(1)).tolist()            # one past the last
+        row_iv = sorted({(y1, y2) for y1, y2, _, _ in self.boxes})
+        col_iv = sorted({(x1, x2) for _, _, x1, x2 in self.boxes})
+        self.grid = len(self.boxes) == len(row_iv) * len(col_iv)   # windows = row intervals x column intervals
+        self._composed: dict = {}
+
+    def _axis_matrix(self, interval: tuple[int, int], n_grid: int, axis: int) -> torch.Tensor:
+        """[n_out, n_grid]: grid -> window upsampling, / window count along the axis, -> final resize, composed."""
+        key = (interval, n_grid, axis)
+        if key not in self._composed:
+            lo, hi = interval
+            n_in, n_out = (self.h, self.out_size[0]) if axis == 0 else (self.w, self.out_size[1])
+            ivs = {(b[2 * axis], b[2 * axis + 1]) for b in self.boxes}
+            count = torch.zeros(n_in, device=self.dev)
+            for a, b in ivs:
+                count[a:b] += 1
+            up = _interp_matrix(n_grid, hi - lo, self.dev) / count[lo:hi, None]
+            final = (self.rows if axis == 0 else self.cols) if self.resize else torch.eye(n_in, device=self.dev)
+            self._composed[key] = final[:, lo:hi] @ up
+        return self._composed[key]
+
+    def fast_ok(self, maps: torch.Tensor) -> bool:
+        """Whether composing the linear steps is cheaper than rendering the canvas (small outputs, e.g. tests)."""
+        if not self.grid:
+            return False
+        gh, gw = maps.shape[-2:]
+        H, W = self.out_size
+        composed = sum(gh * W * (gw + H) for _ in self.boxes)
+        canvas = sum(4 * (y2 - y1) * (x2 - x1) for y1, y2, x1, x2 in self.boxes) + 4 * H * W + self.h * self.w
+        return composed < canvas
+
+    def render_composed(self, maps: torch.Tensor, rows: tuple[int, int]) -> torch.Tensor:
+        """Linear path (no per-window cast or fusion): sum over windows of A_w · P_w · B_wᵀ, A/B composed
+        from upsampling, count division (separable on a window grid) and final resize; equal up to rounding."""
+        a, b = rows
+        out = None
+        for (y1, y2, x1, x2), m in zip(self.boxes, maps):
+            A = self._axis_matrix((y1, y2), m.shape[-2], 0)[a:b]
+            B = self._axis_matrix((x1, x2), m.shape[-1], 1)
+            part = _rows_matmul(A, torch.matmul(m, B.T))
+            out = part if out is None else out + part
+        return out
 
     def bands(self, channels: int, max_elements: int | None = None):
         """Output row ranges whose rendering stays within ``max_elements`` floats for ``channels`` channels."""
@@ -96,6 +137,8 @@ class _Renderer:
                per_window: Callable[[torch.Tensor], torch.Tensor] | None = None,
                window_fp16: bool = False, canvas_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """[N', r1 - r0, W_out] band of the merged map (N' = N, or the channels ``per_window`` returns)."""
+        if per_window is None and not window_fp16 and canvas_dtype == torch.float32 and self.fast_ok(maps):
+            return self.render_composed(maps, rows)
         a, b = rows
         r0, r1 = (self.lo[a], self.hi[b - 1]) if self.resize else (a, b)
         canvas = None
@@ -200,9 +243,9 @@ def rank_cache(cache: FeatureCache, metrics: Sequence[str] = ("entropy",), track
     """Sufficient statistics of the M single-template classifiers over every cached image (protocol §3).
 
     Templates are processed ``template_chunk`` at a time (fewer when the maps would exceed the memory budget).
-    ``"window"``: the window-averaged probabilities at the resized size go to ``TemplateStats.update`` with
-    ``size=orig`` (it upsamples them, no re-softmax); with ``window_fp16`` the canvas is fp16 as the authors'
-    compute_metric. ``"final"``: cosines are averaged, resized to the original size, then softmax(logit_scale·),
+    ``"window"``: window-averaged probabilities resized to the original size (no re-softmax); with
+    ``window_fp16`` the canvas is fp16 as the authors' compute_metric and ``TemplateStats.update(size=orig)``
+    does the upsampling. ``"final"``: cosines are averaged, resized to the original size, then softmax(logit_scale·),
     then the synonym max (unnormalised, ``normalized=False``).
     """
     from floss.stats import TemplateStats   # imported here: only ranking needs it
@@ -215,26 +258,27 @@ def rank_cache(cache: FeatureCache, metrics: Sequence[str] = ("entropy",), track
     normalized = Q == K
     st = TemplateStats(M, K, metrics=tuple(metrics), feature_dim=D if "iti" in metrics else None,
                        track_images=track_images, device=device)
-    window = settings.softmax_stage == "window"
+    # fp16 window casts (ADE/COCO): the authors' fp16 canvas at the resized size, upsampled by TemplateStats;
+    # otherwise the map at the original size directly (the same bilinear resize, cheapest path chosen per image)
+    fp16_canvas = settings.softmax_stage == "window" and settings.window_fp16
     for record in tqdm(cache, desc="rank", disable=None if progress else True):
         feats = _window_averaged_features(record, device) if "iti" in metrics else None
-        out = "resized" if window else "orig"
-        H, W = record.resized_size if window else record.orig_size
+        out = "resized" if fp16_canvas else "orig"
+        H, W = record.resized_size if fp16_canvas else record.orig_size
         chunk = max(1, min(template_chunk, MAX_BAND_ELEMENTS // max(1, Q * H * W)))
         for start in range(0, M, chunk):
             ids = list(range(start, min(start + chunk, M)))
-            if window:
+            if fp16_canvas:
                 renderer = _Renderer(record, out, device)
                 maps = window_scores(record, text[ids], settings, softmax=True, device=device)
                 maps = maps.reshape(maps.shape[0], -1, *maps.shape[3:])
-                canvas = torch.float16 if settings.window_fp16 else torch.float32
-                probs = torch.cat([renderer.render(maps, band, window_fp16=settings.window_fp16, canvas_dtype=canvas)
+                probs = torch.cat([renderer.render(maps, band, window_fp16=True, canvas_dtype=torch.float16)
                                    for band in renderer.bands(maps.shape[1])], dim=1)
                 probs = probs.reshape(len(ids), Q, H, W)
             else:
                 probs = classify(record, text[ids], settings, out=out, device=device)
             probs = merge_queries(probs, cache.query_to_class, K)
-            st.update(probs, size=tuple(record.orig_size) if window else None, templates=ids, features=feats,
+            st.update(probs, size=tuple(record.orig_size) if fp16_canvas else None, templates=ids, features=feats,
                       image_id=record.id if track_images else None, normalized=normalized)
     return st
 
