@@ -1,0 +1,150 @@
+"""Bilinear resizing (``align_corners=False``) as separable two-tap filters, exactly as ``F.interpolate``.
+
+Why: the template statistics upsample ``[m, K, h, w]`` probability maps to the original image size (often
+1024×2048) for 80 templates. Doing it with ``F.interpolate`` on the whole stack needs ``m·K·H·W`` floats at
+once; here any block of output rows can be produced on its own (``rows=``), so callers stream the image in
+bounded chunks. The arithmetic replicates PyTorch's CPU kernel bit for bit: the same source index / lambda
+rule (``src = scale·(dst + 0.5) − 0.5`` clamped at 0, second tap clamped at the border, ``λ0 = 1 − λ1``),
+width pass first (by ``F.interpolate`` itself on the needed input rows), then the height pass as a small
+GEMM whose sequential accumulation reproduces the kernel's ``fma(x0, λ0, x1·λ1)``. Bit equality with
+``F.interpolate`` for float32 upsampling on CPU is checked in ``tests/test_stats.py``; elsewhere (other
+BLAS, devices, downsampling, float64) results agree to ~1 ulp.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Taps", "bilinear_taps", "bilinear_matrix", "source_rows", "upsample_rows", "upsample_bilinear"]
+
+
+class Taps(NamedTuple):
+    """Two-tap form of a 1-D linear resize: ``out[i] = x[i0[i]]·w0[i] + x[i1[i]]·w1[i]``."""
+    i0: torch.Tensor  # [out] int64
+    i1: torch.Tensor  # [out] int64 (== i0 at the clamped border)
+    w0: torch.Tensor  # [out] float
+    w1: torch.Tensor  # [out] float
+
+
+def _check_size(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name}: expected a positive int, received {value!r}")
+    return value
+
+
+@functools.lru_cache(maxsize=64)
+def _taps_cpu(out_size: int, in_size: int, dtype: torch.dtype) -> Taps:
+    dst = torch.arange(out_size, dtype=torch.float64)
+    if out_size == in_size:  # PyTorch's scale-1 shortcut: a copy
+        idx = dst.long()
+        return Taps(idx, idx, torch.ones(out_size, dtype=dtype), torch.zeros(out_size, dtype=dtype))
+    # opmath is float32 for float16/32 inputs, float64 for float64 (as in ATen's upsample helpers)
+    op = torch.float64 if dtype == torch.float64 else torch.float32
+    scale = torch.tensor(in_size, dtype=op) / out_size
+    # scale·(d + 0.5) − 0.5: computed exactly in float64 and rounded once (what an fma gives); for the
+    # usual power-of-two or short ratios every variant of the expression is exact anyway
+    src = (scale.double() * (dst + 0.5) - 0.5).to(op)
+    src = src.clamp(min=0)
+    i0 = src.floor().long().clamp(max=in_size - 1)
+    lam1 = (src - i0.to(op)).clamp(0, 1)
+    i1 = torch.where(i0 < in_size - 1, i0 + 1, i0)
+    lam0 = 1 - lam1
+    return Taps(i0, i1, lam0.to(dtype), lam1.to(dtype))
+
+
+def bilinear_taps(out_size: int, in_size: int, dtype: torch.dtype = torch.float32,
+                  device: torch.device | str | None = None) -> Taps:
+    """Indices and weights of the 1-D linear resize ``in_size -> out_size`` (align_corners=False)."""
+    _check_size("out_size", out_size)
+    _check_size("in_size", in_size)
+    taps = _taps_cpu(out_size, in_size, dtype)
+    if device is None or torch.device(device).type == "cpu":
+        return taps
+    return Taps(*(t.to(device) for t in taps))
+
+
+def bilinear_matrix(out_size: int, in_size: int, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str | None = None) -> torch.Tensor:
+    """Dense interpolation matrix ``A [out, in]`` with ``A @ x == F.interpolate(x, mode="linear")`` (to rounding).
+
+    Rows hold the two weights of :func:`bilinear_taps` (summed where both taps hit the clamped border).
+    """
+    i0, i1, w0, w1 = bilinear_taps(out_size, in_size, dtype, device)
+    a = torch.zeros(out_size, in_size, dtype=dtype, device=w0.device)
+    rows = torch.arange(out_size, device=w0.device)
+    a.index_put_((rows, i0), w0, accumulate=True)
+    a.index_put_((rows, i1), w1, accumulate=True)
+    return a
+
+
+def source_rows(out_size: int, in_size: int, rows: slice) -> tuple[int, int]:
+    """Half-open range ``[lo, hi)`` of input rows that output ``rows`` read."""
+    taps = _taps_cpu(_check_size("out_size", out_size), _check_size("in_size", in_size), torch.float32)
+    start, stop, _ = rows.indices(out_size)
+    if stop <= start:
+        return 0, 0
+    return int(taps.i0[start]), int(taps.i1[stop - 1]) + 1
+
+
+@functools.lru_cache(maxsize=64)
+def _taps_list(out_size: int, in_size: int) -> tuple[list[int], list[int], list[float], list[float]]:
+    t = _taps_cpu(out_size, in_size, torch.float32)
+    return t.i0.tolist(), t.i1.tolist(), t.w0.tolist(), t.w1.tolist()
+
+
+def upsample_rows(x: torch.Tensor, size: Sequence[int], rows: slice) -> torch.Tensor:
+    """Output rows ``rows`` of the bilinear resize of ``x [N, h, w]``, laid out rows-first: ``[R, N, W]``.
+
+    Width pass by ``F.interpolate`` on the few input rows needed (height unchanged, so rows are copied
+    exactly); height pass row by row as ``fma(y0, λ0, y1·λ1)`` (``torch.add(..., alpha=)`` is a fused
+    multiply-add), the operation order of PyTorch's kernel. The rows-first layout makes each output row one
+    contiguous ``[N, W]`` block and lets the caller treat (row, template) pairs as one batch dimension.
+    """
+    out_h, out_w = size
+    n, in_h, in_w = x.shape
+    start, stop, _ = rows.indices(out_h)
+    lo, hi = source_rows(out_h, in_h, rows)
+    block = x[:, lo:hi, :]
+    if out_w != in_w:
+        block = F.interpolate(block.unsqueeze(0), size=(hi - lo, out_w), mode="bilinear",
+                              align_corners=False).squeeze(0)
+    rows_first = block.transpose(0, 1).contiguous()  # [n_in, N, W]
+    if out_h == in_h:
+        return rows_first[start - lo:stop - lo]
+    if x.dtype == torch.float64:
+        i0, i1, w0, w1 = (t.tolist() for t in _taps_cpu(out_h, in_h, torch.float64))
+    else:
+        i0, i1, w0, w1 = _taps_list(out_h, in_h)
+    out = torch.empty(stop - start, n, out_w, dtype=x.dtype, device=x.device)
+    tmp = torch.empty(n, out_w, dtype=x.dtype, device=x.device)
+    for j, r in enumerate(range(start, stop)):
+        torch.mul(rows_first[i1[r] - lo], w1[r], out=tmp)
+        torch.add(tmp, rows_first[i0[r] - lo], alpha=w0[r], out=out[j])
+    return out
+
+
+def upsample_bilinear(x: torch.Tensor, size: Sequence[int], rows: slice | None = None) -> torch.Tensor:
+    """Bilinear resize of ``x [..., h, w]`` to ``size = (H, W)`` (align_corners=False, no antialias).
+
+    ``rows`` (a slice of ``range(H)``) selects the output rows to produce; only the input rows they read
+    are touched, so a caller can stream an image row block by row block with peak memory independent of
+    ``H``. Equals ``F.interpolate(x, size, mode="bilinear", align_corners=False)[..., rows, :]`` (bit for bit
+    on CPU for float32 upsampling).
+    """
+    if not isinstance(x, torch.Tensor) or x.ndim < 2:
+        raise ValueError(f"x: expected a tensor [..., h, w], received {type(x).__name__} "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else ''}")
+    if not x.is_floating_point():
+        raise ValueError(f"x: expected a floating-point tensor, received dtype {x.dtype}")
+    if (not isinstance(size, (tuple, list)) or len(size) != 2
+            or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in size)):
+        raise ValueError(f"size: expected a pair of positive ints (H, W), received {size!r}")
+    rows = slice(0, size[0]) if rows is None else rows
+    if not isinstance(rows, slice) or rows.indices(size[0])[2] != 1:
+        raise ValueError(f"rows: expected a contiguous slice (step 1), received {rows!r}")
+    lead = x.shape[:-2]
+    out = upsample_rows(x.reshape(-1, *x.shape[-2:]), tuple(size), rows)  # [R, N, W]
+    return out.permute(1, 0, 2).reshape(*lead, out.shape[0], size[1])
