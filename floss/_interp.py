@@ -5,10 +5,11 @@ Why: the template statistics upsample ``[m, K, h, w]`` probability maps to the o
 once; here any block of output rows can be produced on its own (``rows=``), so callers stream the image in
 bounded chunks. The arithmetic replicates PyTorch's CPU kernel bit for bit: the same source index / lambda
 rule (``src = scale·(dst + 0.5) − 0.5`` clamped at 0, second tap clamped at the border, ``λ0 = 1 − λ1``),
-width pass first (by ``F.interpolate`` itself on the needed input rows), then the height pass as a small
-GEMM whose sequential accumulation reproduces the kernel's ``fma(x0, λ0, x1·λ1)``. Bit equality with
-``F.interpolate`` for float32 upsampling on CPU is checked in ``tests/test_stats.py``; elsewhere (other
-BLAS, devices, downsampling, float64) results agree to ~1 ulp.
+width pass first (by ``F.interpolate`` itself on the needed input rows), then the height pass as a
+row-by-row fused multiply-add ``fma(y0, λ0, y1·λ1)``, the operation order of the kernel. Bit equality with
+``F.interpolate`` for float32 upsampling on CPU at protocol-like widths is checked in ``tests/test_stats.py``
+(so argmax counts equal the authors' exactly); elsewhere (tiny widths, where PyTorch takes another code
+path, other devices, downsampling, float64) results agree to ~1 ulp.
 """
 from __future__ import annotations
 
@@ -132,7 +133,7 @@ def upsample_bilinear(x: torch.Tensor, size: Sequence[int], rows: slice | None =
     ``rows`` (a slice of ``range(H)``) selects the output rows to produce; only the input rows they read
     are touched, so a caller can stream an image row block by row block with peak memory independent of
     ``H``. Equals ``F.interpolate(x, size, mode="bilinear", align_corners=False)[..., rows, :]`` (bit for bit
-    on CPU for float32 upsampling).
+    on CPU for float32 upsampling at protocol-like widths, else to ~1 ulp).
     """
     if not isinstance(x, torch.Tensor) or x.ndim < 2:
         raise ValueError(f"x: expected a tensor [..., h, w], received {type(x).__name__} "

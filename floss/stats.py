@@ -377,10 +377,9 @@ class TemplateStats:
         template ids in increasing order. Templates that never predict a class keep value 0.0 and
         ``pixel_percentage`` 0.0 as the authors (for entropy they sort first; ``select_experts`` drops them).
         """
-        if isinstance(class_names, str) or not isinstance(class_names, Sequence):
+        if isinstance(class_names, str) or not isinstance(class_names, Sequence) \
+                or len(class_names) != self.num_classes:
             raise ValueError(f"class_names: expected a sequence of {self.num_classes} names, received {class_names!r}")
-        if len(class_names) != self.num_classes:
-            raise ValueError(f"class_names: expected {self.num_classes} names, received {len(class_names)}")
         if len(set(class_names)) != len(class_names):
             raise ValueError("class_names: expected distinct names, received duplicates")
         spec = get_metric(metric)
