@@ -119,11 +119,13 @@ class _Renderer:
             out = part if out is None else out + part
         return out
 
-    def bands(self, channels: int, max_elements: int | None = None):
-        """Output row ranges whose rendering stays within ``max_elements`` floats for ``channels`` channels."""
+    def bands(self, channels: int, out_channels: int | None = None, max_elements: int | None = None):
+        """Output row ranges whose rendering stays within ``max_elements`` floats: ``channels`` per-window
+        channels at window width, ``out_channels`` (default ``channels``) canvas/output channels at image width."""
         max_elements = MAX_BAND_ELEMENTS if max_elements is None else max_elements
-        width = max(self.w, self.out_size[1])
-        budget_rows = max(1, max_elements // max(1, channels * width))
+        window_width = max(x2 - x1 for _, _, x1, x2 in self.boxes)
+        per_row = max(channels * window_width, (out_channels or channels) * max(self.w, self.out_size[1]), 1)
+        budget_rows = max(1, max_elements // per_row)
         start, H = 0, self.out_size[0]
         while start < H:
             stop = start + 1
@@ -146,8 +148,9 @@ class _Renderer:
             ys0, ys1 = max(y1, r0), min(y2, r1)
             if ys0 >= ys1:
                 continue
-            if (ys0, ys1) == (y1, y2):   # whole window: the native kernel (bit-identical to mmseg's resize)
+            if m.shape[0] * (y2 - y1) * (x2 - x1) <= MAX_BAND_ELEMENTS:   # the window fits: native kernel
                 up = F.interpolate(m[None], size=(y2 - y1, x2 - x1), mode="bilinear", align_corners=False)[0]
+                up = up[:, ys0 - y1:ys1 - y1]   # (bit-identical to mmseg's resize)
             else:                        # a band of rows: the same weights as matrices, only those rows
                 uh = _interp_matrix(m.shape[-2], y2 - y1, self.dev)[ys0 - y1:ys1 - y1]
                 uw = _interp_matrix(m.shape[-1], x2 - x1, self.dev)
@@ -344,7 +347,7 @@ def evaluate_cache(cache: FeatureCache, experts: Sequence[Sequence[int]] | None 
             paper = settings.protocol == "paper"
             maps = window_scores(record, floss_w, settings, softmax=not (paper and final), device=device)
             maps = maps.reshape(maps.shape[0], -1, *maps.shape[3:])
-            for a, b in renderer.bands(maps.shape[1]):
+            for a, b in renderer.bands(maps.shape[1], out_channels=len(fusions) * Q):
                 if paper:       # Eq. 7 at the final resolution on each expert's window-averaged map
                     band = renderer.render(maps, (a, b), window_fp16=settings.window_fp16)
                     band = band.reshape(Q + 1, Q, b - a, -1)
