@@ -90,18 +90,12 @@ def source_rows(out_size: int, in_size: int, rows: slice) -> tuple[int, int]:
     return int(taps.i0[start]), int(taps.i1[stop - 1]) + 1
 
 
-@functools.lru_cache(maxsize=64)
-def _taps_list(out_size: int, in_size: int) -> tuple[list[int], list[int], list[float], list[float]]:
-    t = _taps_cpu(out_size, in_size, torch.float32)
-    return t.i0.tolist(), t.i1.tolist(), t.w0.tolist(), t.w1.tolist()
-
-
 def upsample_rows(x: torch.Tensor, size: Sequence[int], rows: slice) -> torch.Tensor:
     """Output rows ``rows`` of the bilinear resize of ``x [N, h, w]``, laid out rows-first: ``[R, N, W]``.
 
     Width pass by ``F.interpolate`` on the few input rows needed (height unchanged, so rows are copied
-    exactly); height pass row by row as ``fma(y0, λ0, y1·λ1)`` (``torch.add(..., alpha=)`` is a fused
-    multiply-add), the operation order of PyTorch's kernel. The rows-first layout makes each output row one
+    exactly); height pass as ``fma(y0, λ0, y1·λ1)`` (``torch.addcmul`` is a fused multiply-add), the
+    operation order of PyTorch's kernel. The rows-first layout makes each output row one
     contiguous ``[N, W]`` block and lets the caller treat (row, template) pairs as one batch dimension.
     """
     out_h, out_w = size
@@ -115,16 +109,13 @@ def upsample_rows(x: torch.Tensor, size: Sequence[int], rows: slice) -> torch.Te
     rows_first = block.transpose(0, 1).contiguous()  # [n_in, N, W]
     if out_h == in_h:
         return rows_first[start - lo:stop - lo]
-    if x.dtype == torch.float64:
-        i0, i1, w0, w1 = (t.tolist() for t in _taps_cpu(out_h, in_h, torch.float64))
-    else:
-        i0, i1, w0, w1 = _taps_list(out_h, in_h)
-    out = torch.empty(stop - start, n, out_w, dtype=x.dtype, device=x.device)
-    tmp = torch.empty(n, out_w, dtype=x.dtype, device=x.device)
-    for j, r in enumerate(range(start, stop)):
-        torch.mul(rows_first[i1[r] - lo], w1[r], out=tmp)
-        torch.add(tmp, rows_first[i0[r] - lo], alpha=w0[r], out=out[j])
-    return out
+    i0, i1, w0, w1 = bilinear_taps(out_h, in_h, x.dtype if x.dtype == torch.float64 else torch.float32, x.device)
+    shape = (stop - start, 1, 1)
+    lower = rows_first.index_select(0, i0[start:stop] - lo)
+    upper = rows_first.index_select(0, i1[start:stop] - lo)
+    # addcmul is a fused multiply-add: fma(y0, λ0, y1·λ1), the kernel's rounding
+    return torch.addcmul(upper.mul_(w1[start:stop].to(x.dtype).view(shape)), lower,
+                         w0[start:stop].to(x.dtype).view(shape))
 
 
 def upsample_bilinear(x: torch.Tensor, size: Sequence[int], rows: slice | None = None) -> torch.Tensor:

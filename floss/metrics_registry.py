@@ -102,20 +102,27 @@ def softrun(q: torch.Tensor) -> torch.Tensor:
     """MaNo's softrun normalisation of ``q [m, K, P]`` along dim 1 (criterion evaluated per pixel)."""
     k = q.shape[1]
     # CE(uniform, softmax(q)) = logsumexp(q) − mean(q)
-    criterion = torch.logsumexp(q, dim=1, keepdim=True) - q.mean(dim=1, keepdim=True)
-    taylor = 1 + q + q * q / 2
-    taylor = taylor - taylor.amin(dim=1, keepdim=True)
-    norm = taylor.sum(dim=1, keepdim=True)
-    taylor = torch.where(norm > 0, taylor / norm.clamp_min(torch.finfo(q.dtype).tiny),
-                         torch.full_like(taylor, 1.0 / k))
-    return torch.where(criterion > MANO_CRITERION, torch.softmax(q, dim=1), taylor)
+    soft = (torch.logsumexp(q, dim=1, keepdim=True) - q.mean(dim=1, keepdim=True)) > MANO_CRITERION
+    if bool(soft.all()):
+        return torch.softmax(q, dim=1)
+    # Taylor: 1 + q + q²/2 minus its row minimum; the constant 1 cancels in the subtraction
+    v = torch.addcmul(q, q, q, value=0.5)
+    v.sub_(v.amin(dim=1, keepdim=True))
+    norm = v.sum(dim=1, keepdim=True)
+    v.div_(norm.clamp_min(torch.finfo(q.dtype).tiny))
+    degenerate = norm == 0  # constant vector: no direction to keep, taken as uniform
+    if bool(degenerate.any()):
+        v = torch.where(degenerate, torch.full_like(v, 1.0 / k), v)
+    if bool(soft.any()):
+        v = torch.where(soft, torch.softmax(q, dim=1), v)
+    return v
 
 
 def mano_score(q: torch.Tensor) -> torch.Tensor:
     """Per-pixel ``Σ_j |softrun(q)_j|^4 / K`` (the mean over pixels is raised to 1/4 by ``mano_finalize``)."""
     v = softrun(q)
-    v2 = v * v
-    return (v2 * v2).sum(dim=1) / q.shape[1]
+    v.mul_(v)
+    return torch.linalg.vector_norm(v, ord=2, dim=1).pow_(2).div_(q.shape[1])
 
 
 def mano_finalize(mean: torch.Tensor) -> torch.Tensor:

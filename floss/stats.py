@@ -34,6 +34,8 @@ __all__ = ["TemplateStats", "register_metric", "get_metric", "available_metrics"
 
 #: floats per work block (m_chunk · K · rows · W): ~2 MiB keeps the fused passes cache-resident
 CHUNK_ELEMENTS = 1 << 19
+#: output rows per block at least (amortises the width pass and per-op overhead)
+MIN_ROWS = 16
 _FORMAT = 1
 
 
@@ -213,10 +215,11 @@ class TemplateStats:
         counts = torch.zeros(m * k, dtype=torch.int64, device=dev)
         sums = torch.zeros(len(specs), m * k, dtype=torch.float64, device=dev)
         fsum = None if features is None else torch.zeros(m * k, features.shape[0], dtype=torch.float64, device=dev)
-        # block = (rows, templates): all templates and several rows if they fit, else one row of a slice
+        # block = (rows, templates): >= MIN_ROWS output rows (so that the width pass, done on the input rows
+        # a block reads, is shared by many output rows), then as many templates as the budget allows
         row_elems = k * out_w
-        m_chunk = max(1, min(m, CHUNK_ELEMENTS // row_elems))
-        rows_per = max(1, CHUNK_ELEMENTS // (row_elems * m_chunk))
+        rows_per = min(out_h, max(MIN_ROWS, CHUNK_ELEMENTS // (row_elems * m)))
+        m_chunk = max(1, min(m, CHUNK_ELEMENTS // (row_elems * rows_per)))
         for t0 in range(0, m, m_chunk):
             t1 = min(m, t0 + m_chunk)
             # fp16 canvases are read in fp32 (the authors compute the entropy in fp32)
