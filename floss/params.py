@@ -104,6 +104,9 @@ def validate_params(params: Any, *, check_paths: bool = True) -> dict:
     elif root is not None and not isinstance(root, str):
         _fail("data_root", "null or a folder path", root)
 
+    if "cpu_threads" in params:
+        _int(params, "cpu_threads", 0, 1024)
+
     a = _section(params, "authors")
     if not isinstance(a["url"], str) or not a["url"].startswith(("http://", "https://")):
         _fail("authors.url", "an http(s) URL", a["url"])

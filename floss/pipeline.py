@@ -281,8 +281,11 @@ def run_notebook(params: Mapping, name: str) -> None:
     (paths.REPORTS / "notebooks").mkdir(parents=True, exist_ok=True)
     for folder in (paths.TABLES, paths.FIGURES, paths.METRICS):
         folder.mkdir(parents=True, exist_ok=True)     # DVC deletes outs before a stage runs
+    env = dict(os.environ)
+    if params.get("cpu_threads"):
+        env.update(OMP_NUM_THREADS=str(params["cpu_threads"]), MKL_NUM_THREADS=str(params["cpu_threads"]))
     logger.info("running %s", cmd)
-    subprocess.run(["bash", "-o", "pipefail", "-c", cmd], check=True, cwd=paths.ROOT)
+    subprocess.run(["bash", "-o", "pipefail", "-c", cmd], check=True, cwd=paths.ROOT, env=env)
 
 
 def run_demo(targets: list[str] | None = None) -> int:
@@ -320,8 +323,17 @@ def _configure_stage(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", choices=("train", "val"), help="extract only: only this split")
 
 
+def _set_threads(params: Mapping) -> None:
+    threads = params.get("cpu_threads", 0)
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
+
+
 def _run_stage(args: argparse.Namespace) -> int:
     params = load_params(args.params)
+    if args.stage not in ("metrics", "authors"):
+        _set_threads(params)
     needs_model = args.stage in ("extract", "rank", "evaluate")
     if needs_model and not args.model:
         raise ValueError(f"stage {args.stage}: --model is required (one of {sorted(params['models'])})")

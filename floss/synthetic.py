@@ -76,7 +76,7 @@ SYNTHETIC_MODELS: dict[str, _ModelKnobs] = {
 
 # per dataset: classes drawn per image, void (255) weight, image sizes (H, W) at original resolution
 _CLASSES_PER_IMAGE = {"cityscapes": 9, "pascalvoc20": 3, "pascalco59": 7, "ade20k": 10, "cocostuff": 10}
-_VOID_WEIGHT = {"cityscapes": 0.4, "pascalvoc20": 1.5, "pascalco59": 0.6, "ade20k": 0.5, "cocostuff": 0.5}
+_VOID_WEIGHT = {"cityscapes": 0.8, "pascalvoc20": 0.6, "pascalco59": 0.25, "ade20k": 0.3, "cocostuff": 0.3}
 _DRIVING_SIZES = {"cityscapes": [(48, 96)], "bdd": [(45, 80)], "mapillary": [(48, 64), (48, 72), (54, 96)],
                   **{f"acdc_{c}": [(48, 85)] for c in ("night", "fog", "rain", "snow")}}
 _OTHER_SIZES = [(48, 64), (64, 48), (48, 72), (56, 64)]
@@ -193,7 +193,7 @@ def _label_field(dataset: str, index: int, num_images: int, num_classes: int, si
     weight = 1.0 / (1.0 + order.argsort()[present].to(torch.float64)) ** 0.3
     logits = torch.randn(len(present) + 1, h0, w0, generator=g, dtype=torch.float64)
     logits[:-1] += 1.5 * weight.log()[:, None, None]
-    logits[-1] += math.log(_VOID_WEIGHT[source] / len(present))
+    logits[-1] += math.log(_VOID_WEIGHT[source])
     field = F.interpolate(logits[None], size=(H, W), mode="bilinear", align_corners=False)[0]
     top2 = field.topk(2, dim=0).values
     idx = field.argmax(dim=0)

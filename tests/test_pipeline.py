@@ -1,0 +1,291 @@
+"""The pipeline: dvc.yaml against params.yaml and the notebooks, params validation, the authors' data, the stages."""
+from __future__ import annotations
+
+import ast
+import copy
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from floss import paths
+from floss.params import ParamsError, load_params, validate_params
+from floss.pipeline import NOTEBOOK_PARAMS, extract_command, notebook_command
+
+ROOT = paths.ROOT
+DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+AUTHORS = paths.SHARED / "reference" / "authors"
+
+
+def _stages() -> dict[str, dict]:
+    """dvc.yaml stages with foreach expanded (``${key}`` / ``${item}``), as DVC names them."""
+    out = {}
+    for name, stage in DVC_YAML["stages"].items():
+        if "foreach" not in stage:
+            out[name] = stage
+            continue
+        source = stage["foreach"].strip("${}").split(".")
+        node = PARAMS
+        for part in source:
+            node = node[part]
+        items = node.items() if isinstance(node, dict) else ((v, v) for v in node)
+        for key, item in items:
+            text = json.dumps(stage["do"]).replace("${key}", str(key))
+            out[f"{name}@{key}"] = json.loads(text.replace("${item}", str(item)))
+    return out
+
+
+def _has_key(params: dict, dotted: str) -> bool:
+    node = params
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _outs(stage: dict) -> set[str]:
+    return {next(iter(o)) if isinstance(o, dict) else o for o in stage.get("outs", [])}
+
+
+def test_every_stage_param_exists_and_params_validate():
+    load_params()
+    for name, stage in _stages().items():
+        for key in stage.get("params", []):
+            assert isinstance(key, str) and _has_key(PARAMS, key), f"stage {name}: params key {key!r} not in params.yaml"
+
+
+def test_notebook_stages_match_notebooks_and_their_params():
+    sources = {p.stem for p in paths.NOTEBOOKS.glob("*.py")}
+    stages = _stages()
+    assert sources == set(NOTEBOOK_PARAMS), "every notebook has exactly one parameter mapping"
+    for name in sources:
+        stage = stages[name]
+        assert stage["cmd"] == f"python -m floss.pipeline notebook {name}"
+        assert set(stage.get("params", [])) == set(NOTEBOOK_PARAMS[name].values()), name
+        assert f"notebooks/{name}.py" in stage["deps"] and f"reports/notebooks/{name}.ipynb" in _outs(stage)
+        declared = _notebook_parameters(name)
+        assert set(NOTEBOOK_PARAMS[name]) <= set(declared), f"{name}: unknown papermill parameters"
+
+
+def _notebook_parameters(name: str) -> dict:
+    """Names and defaults of the `# %% tags=["parameters"]` cell of a notebook."""
+    text = (paths.NOTEBOOKS / f"{name}.py").read_text()
+    cell = text.split('# %% tags=["parameters"]', 1)[1].split("\n# %%", 1)[0]
+    values = {}
+    for node in ast.parse(cell).body:
+        if isinstance(node, ast.Assign):
+            values[node.targets[0].id] = ast.literal_eval(node.value)
+    return values
+
+
+def _written_patterns(name: str) -> list[tuple[str, tuple[str, ...]]]:
+    """Regexes of the table/figure files a notebook writes (write_table / save_figure calls, read statically;
+    a number or slug given by a variable or an f-string matches any word)."""
+    tree = ast.parse((paths.NOTEBOOKS / f"{name}.py").read_text())
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+            continue
+        if node.func.attr == "write_table":
+            slug, number, folder, prefix, exts = node.args[1], node.args[2], "tables", "tab", ("md", "tex", "csv")
+        elif node.func.attr == "save_figure":
+            number, slug, folder, prefix, exts = node.args[1], node.args[2], "figures", "fig", ("png", "pdf")
+        else:
+            continue
+
+        def part(arg):
+            if isinstance(arg, ast.Constant):
+                return re.escape(str(arg.value))
+            if isinstance(arg, ast.JoinedStr):
+                return "".join(re.escape(v.value) if isinstance(v, ast.Constant) else r"\w+" for v in arg.values)
+            return r"\w+"
+        found.append((f"{folder}/{prefix}{part(number)}_{part(slug)}", exts))
+    return found
+
+
+def test_every_table_and_figure_a_notebook_writes_is_a_declared_out():
+    stages = _stages()
+    for name in NOTEBOOK_PARAMS:
+        outs = _outs(stages[name])
+        written = [o for o in outs if o.startswith(("tables/", "figures/"))]
+        patterns = _written_patterns(name)
+        assert patterns, f"{name} writes no table or figure"
+        for pattern, exts in patterns:
+            for ext in exts:
+                assert any(re.fullmatch(f"{pattern}\\.{ext}", o) for o in written), \
+                    f"{name}: writes {pattern}.{ext} but dvc.yaml declares no such out"
+        for out in written:       # and nothing is declared that the notebook cannot write
+            assert any(re.fullmatch(f"{p}\\.({'|'.join(e)})", out) for p, e in patterns), f"{name}: {out}"
+        for out in written:       # small text/PNG outs live in git (README), not in the DVC cache
+            entry = next(o for o in stages[name]["outs"] if isinstance(o, dict) and out in o)
+            assert entry[out] == {"cache": False}
+    # after a pipeline run: every file in tables/ and figures/ belongs to a stage
+    declared = set().union(*(_outs(s) for s in stages.values()))
+    made = [p.relative_to(ROOT).as_posix() for d in (paths.TABLES, paths.FIGURES) if d.is_dir()
+            for p in d.iterdir() if p.is_file() and not p.name.startswith(".")]
+    assert not [m for m in made if m not in declared], "undeclared files in tables/ or figures/"
+
+
+def _mutated(path: str, value):
+    params = copy.deepcopy(PARAMS)
+    node = params
+    *parents, last = path.split(".")
+    for part in parents:
+        node = node[part]
+    if value is KeyError:
+        del node[last]
+    else:
+        node[last] = value
+    return params
+
+
+@pytest.mark.parametrize("path, value, message", [
+    ("profile", "full", "profile: expected one of demo, paper, got 'full'"),
+    ("evaluate.n_experts", 0, "evaluate.n_experts: expected an integer in 1..80, got 0"),
+    ("evaluate.n_experts", 81, "evaluate.n_experts: expected an integer in 1..80, got 81"),
+    ("evaluate.fusions", ["highest", "max"], "evaluate.fusions[1]: expected one of"),
+    ("evaluate.metric", "iou", "evaluate.metric: expected one of entropy"),
+    ("rank.metrics", ["entropy", "confidence"], "rank.metrics[1]: expected one of"),
+    ("models.segformer", ["cityscapes"], "models: expected one of maskclip"),
+    ("models.maskclip", ["cityscapes", "kitti"], "models.maskclip[1]: expected one of"),
+    ("transfer.datasets", ["acdc_dusk"], "transfer.datasets[0]"),
+    ("extract.gpus", 0, "extract.gpus: expected an integer in 1..64, got 0"),
+    ("extract.device", "tpu", "extract.device: expected auto, cpu, cuda or cuda:N"),
+    ("extract.weights.naclip", {"backbone": "ViT-B-16"}, "extract.weights.naclip"),
+    ("synthetic.images.cityscapes", {"train": 0, "val": 4}, "synthetic.images.cityscapes.train"),
+    ("evaluate.per_template", "yes", "evaluate.per_template: expected true or false"),
+    ("evaluate.typo", 1, "evaluate: unknown key(s) ['typo']"),
+    ("rank", KeyError, "rank: missing"),
+    ("oracle.rhos", [0.0, 0.3], "oracle.rhos: expected"),
+    ("topn", [0, 4], "topn: expected"),
+    ("low_data.model", "segformer", "low_data.model: expected one of"),
+    ("authors.url", "ftp://example.org", "authors.url: expected an http(s) URL"),
+])
+def test_bad_params_fail_naming_the_key(path, value, message):
+    with pytest.raises(ParamsError, match=re.escape(f"params.yaml: {message}")):
+        validate_params(_mutated(path, value))
+
+
+def test_paper_profile_needs_an_existing_data_root(tmp_path):
+    with pytest.raises(ParamsError, match="params.yaml: data_root: expected the folder of the datasets"):
+        validate_params(_mutated("profile", "paper"))
+    params = _mutated("profile", "paper")
+    params["data_root"] = str(tmp_path / "absent")
+    with pytest.raises(ParamsError, match="data_root: expected an existing folder"):
+        validate_params(params)
+
+
+def test_check_params_command_exits_2_with_the_key(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(_mutated("evaluate.n_experts", 0)))
+    run = subprocess.run([sys.executable, "-m", "floss.pipeline", "check-params", "--params", str(bad)],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 2
+    assert "evaluate.n_experts: expected an integer in 1..80, got 0" in run.stderr
+    ok = subprocess.run([sys.executable, "-m", "floss.pipeline", "check-params"], capture_output=True, text=True,
+                        cwd=ROOT)
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_commands_built_from_params(tmp_path):
+    params = _mutated("profile", "paper")
+    params.update(data_root=str(tmp_path))
+    params["extract"]["gpus"] = 4
+    cmd = extract_command(params, "naclip_vitl14", "pascalvoc20", "train", tmp_path / "out")
+    assert cmd[1:3] == ["--standalone", "--nproc_per_node=4"]
+    assert cmd[cmd.index("--model") + 1] == "naclip" and cmd[cmd.index("--backbone") + 1] == "ViT-L-14"
+    assert cmd[cmd.index("--data-root") + 1] == str(tmp_path / "VOCdevkit/VOC2012")
+    params["extract"]["gpus"] = 1
+    assert extract_command(params, "maskclip", "cityscapes", "val", tmp_path)[0] == sys.executable
+    nb = notebook_command(PARAMS, "fig3_low_data")
+    assert "| papermill - " in nb and "-k python3 --log-output --no-progress-bar" in nb
+    injected = yaml.safe_load(nb.split(" -y ", 1)[1].strip("'"))
+    assert injected["sizes"] == PARAMS["low_data"]["sizes"] and injected["n"] == PARAMS["evaluate"]["n_experts"]
+
+
+@pytest.mark.skipif(not AUTHORS.is_dir(), reason="../shared/reference/authors is absent")
+def test_authors_fetch_with_local_override(tmp_path):
+    from floss.authors import fetch_authors
+
+    dest = fetch_authors(tmp_path / "authors", url="http://127.0.0.1:9", local=AUTHORS)
+    files = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*.json"))
+    assert len(files) == 17 and "top4_experts.json" in files
+    assert json.loads((dest / "top4_experts.json").read_text()) == json.loads((AUTHORS / "top4_experts.json").read_text())
+    # a broken copy is refused before anything is written
+    broken = tmp_path / "broken"
+    shutil.copytree(AUTHORS, broken)
+    path = broken / "rankings/maskclip/template_rankings_maskclip_cityscapes.json"
+    doc = json.loads(path.read_text())
+    doc["classes"]["road"]["entropy_ranking"][0]["rank"] = 7
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="rank"):
+        fetch_authors(tmp_path / "never", url="http://127.0.0.1:9", local=broken)
+    assert not (tmp_path / "never").exists()
+
+
+def test_authors_download_fails_fast_naming_the_override(tmp_path):
+    from floss.authors import fetch_authors
+
+    with pytest.raises(ConnectionError, match="authors.local"):
+        fetch_authors(tmp_path / "authors", url="http://127.0.0.1:9/FLOSS", timeout=5)
+    with pytest.raises(FileNotFoundError, match="authors.local"):
+        fetch_authors(tmp_path / "authors", url="http://127.0.0.1:9", local=tmp_path / "nowhere")
+
+
+def test_demo_stages_end_to_end(tmp_path, monkeypatch):
+    """extract -> rank -> evaluate -> transfer -> metrics on a tiny demo matrix in a scratch root."""
+    import torch
+
+    from floss import pipeline
+
+    for name, sub in (("ROOT", ""), ("DATA", "data"), ("METRICS", "metrics")):
+        monkeypatch.setattr(paths, name, tmp_path / sub if sub else tmp_path)
+    params = copy.deepcopy(PARAMS)
+    params["models"] = {"maskclip": ["cityscapes"]}
+    params["transfer"] = {"models": ["maskclip"], "datasets": ["acdc_night"]}
+    params["synthetic"]["images"] = {"cityscapes": {"train": 4, "val": 3}, "transfer": {"val": 2}}
+    params["rank"]["metrics"] = ["entropy", "avgprob"]
+    params["evaluate"]["fusions"] = ["highest", "average"]
+    params = validate_params(params)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pipeline.stage_extract(params, "maskclip")
+        pipeline.stage_rank(params, "maskclip")
+        pipeline.stage_evaluate(params, "maskclip")
+        pipeline.stage_transfer(params)
+        metrics = json.loads(pipeline.stage_metrics(params).read_text())
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(p.relative_to(tmp_path / "data/features/maskclip").as_posix()
+                  for p in (tmp_path / "data/features/maskclip").glob("*/*")) == \
+        ["acdc_night/val", "cityscapes/train", "cityscapes/val"]
+    rankings = tmp_path / "results/rankings/maskclip"
+    assert sorted(p.name for p in rankings.iterdir()) == [
+        "template_rankings_maskclip_cityscapes.avgprob.json", "template_rankings_maskclip_cityscapes.json"]
+    assert (tmp_path / "results/stats/maskclip/cityscapes.safetensors").is_file()
+    res = json.loads((tmp_path / "results/eval/maskclip/cityscapes.json").read_text())
+    assert res["source"] == "synthetic" and res["model"] == "maskclip"
+    assert set(res["methods"]) == {"baseline", "floss", "floss_highest", "floss_average"}
+    assert len(res["per_template"]) == 80 and (tmp_path / "results/eval/maskclip/cityscapes.confusion.safetensors").is_file()
+    assert set(metrics["maskclip"]) == {"cityscapes", "acdc_night"}
+    assert metrics["maskclip"]["cityscapes"] == {"baseline": round(res["methods"]["baseline"]["miou"], 2),
+                                                 "floss": round(res["methods"]["floss"]["miou"], 2)}
+    with pytest.raises(ValueError, match="--dataset/--split"):
+        pipeline.stage_rank(params, "maskclip", "ade20k")
+
+
+def test_dvc_lock_is_up_to_date():
+    if not (ROOT / "dvc.lock").is_file():
+        pytest.skip("dvc.lock is absent: the pipeline has not been run and committed yet (dvc repro)")
+    dvc = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
+    run = subprocess.run([dvc, "repro", "--dry", "--allow-missing"], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    assert "Running stage" not in run.stdout, f"dvc.lock is stale:\n{run.stdout}"
