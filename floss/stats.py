@@ -236,7 +236,7 @@ class TemplateStats:
                     score = best if spec.name == "avgprob" else spec.pixel_score(q)  # avgprob = max_j q_j
                     sums[j] += torch.bincount(keys, weights=score.reshape(-1).to(torch.float64), minlength=m * k)
                 if fsum is not None:
-                    f = upsample_rows(features.to(work), size, rows)  # [R, D, W]
+                    f = upsample_rows(features.to(dev, work), size, rows)  # [R, D, W]
                     f = f.permute(0, 2, 1).to(torch.float64)  # [R, W, D]
                     kv = keys.view(-1, t1 - t0, out_w)
                     for t in range(t1 - t0):
