@@ -16,7 +16,7 @@
 # mIoU of MaskCLIP, NACLIP and CLIP-DINOiser with the averaged 80-template classifier (W_CLIP) and with FLOSS
 # (entropy-selected top-4 experts per class, Expert-Highest fusion), on the validation sets. Each value is shown
 # beside the paper's and their difference. The other methods' rows are quoted from the paper (not reproduced).
-# The same numbers go to `metrics/miou.json` for `dvc metrics diff`.
+# (`metrics/miou.json`, for `dvc metrics diff`, is written by the pipeline's metrics stage from the same files.)
 
 # %% tags=["parameters"]
 root = ""  # repository root; empty means floss.paths.ROOT
@@ -24,10 +24,7 @@ models = ["maskclip", "naclip", "clipdinoiser"]
 datasets = ["cityscapes", "pascalvoc20", "pascalco59", "ade20k", "cocostuff"]
 
 # %%
-import json
 from pathlib import Path
-
-import pandas as pd
 
 import floss.paths
 from floss.report import analysis, paper, tables
@@ -61,6 +58,3 @@ written = tables.write_table(table, "main_results", 1, "OVSS across datasets and
                              synthetic=synthetic)
 print((ROOT / "tables" / "tab1_main_results.md").read_text())
 
-# %%
-metrics = {m: {d: {"baseline": ours.at[m, d], "floss": ours.at[f"{m}+floss", d]} for d in datasets} for m in models}
-tables.atomic_write_text(ROOT / "metrics" / "miou.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")

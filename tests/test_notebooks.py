@@ -3,8 +3,10 @@ synthetic root, and its outputs are checked against the results JSON they were m
 from __future__ import annotations
 
 import json
+import multiprocessing
 import subprocess
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -21,25 +23,27 @@ from floss.report.tables import DEMO_MARK  # noqa: E402
 pytestmark = pytest.mark.slow
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 PAIRS = [("clipdinoiser", "cityscapes"), ("clipdinoiser", "pascalvoc20"), ("maskclip", "cityscapes"),
-         ("maskclip", "pascalvoc20"), ("naclip", "cityscapes")]
+         ("naclip", "cityscapes")]
+WORKERS = 3   # notebooks run in parallel processes: most of their time is kernel start-up and imports
 TRANSFER = [("clipdinoiser", "acdc_fog"), ("maskclip", "acdc_fog")]
 ALL = ["tab1_main_results", "tab2_expert_quality", "tab3_transfer", "tab4_fusion", "tab5_backbones",
        "fig1_single_templates", "fig3_low_data", "fig4_metrics_topn", "fig5_oracle", "fig6_best_experts",
        "fig7_improvement", "fig10_expert_quality", "fig12_entropy_iou", "qualitative", "authors_vs_ours"]
 TINY = {
-    "tab1_main_results": {"models": ["maskclip", "clipdinoiser"], "datasets": ["cityscapes", "pascalvoc20"]},
-    "tab2_expert_quality": {"models": ["maskclip", "clipdinoiser"], "datasets": ["cityscapes", "pascalvoc20"]},
+    "tab1_main_results": {"models": ["maskclip", "clipdinoiser"], "datasets": ["cityscapes"]},
+    "tab2_expert_quality": {"models": ["clipdinoiser"], "datasets": ["cityscapes", "pascalvoc20"]},
     "tab3_transfer": {"models": ["maskclip", "clipdinoiser"], "transfer_datasets": ["acdc_fog"]},
     "tab4_fusion": {"models": ["maskclip", "clipdinoiser", "naclip"]},
     "tab5_backbones": {"backbones": {"vitb16": "naclip"}, "datasets": ["cityscapes"]},
     "fig1_single_templates": {"appendix": {"8": "clipdinoiser"}, "appendix_datasets": ["cityscapes", "pascalvoc20"]},
     "fig3_low_data": {"datasets": ["cityscapes"], "sizes": [1, 3], "seeds": 2},
-    "fig4_metrics_topn": {"ns": [1, 4]},
-    "fig5_oracle": {"rhos": [0.5, 1.0], "seeds": 1, "oracle_ns": [1, 4]},
+    "fig4_metrics_topn": {"metrics": ["avgprob", "entropy"], "ns": [1, 4]},
+    "fig5_oracle": {"rhos": [1.0], "seeds": 1, "oracle_ns": [4]},
     "fig6_best_experts": {"models": ["clipdinoiser", "maskclip"]},
-    "fig7_improvement": {"models": ["maskclip", "clipdinoiser"], "datasets": ["cityscapes", "pascalvoc20"]},
+    "fig7_improvement": {"models": ["maskclip", "clipdinoiser"], "datasets": ["cityscapes"]},
     "fig10_expert_quality": {"figures": {"10": "clipdinoiser"}, "datasets": ["cityscapes", "pascalvoc20"]},
-    "fig12_entropy_iou": {"figures": {"12": ["clipdinoiser", "cityscapes"], "14": ["naclip", "cityscapes"]}},
+    "fig12_entropy_iou": {"figures": {"12": ["clipdinoiser", "cityscapes"], "14": ["naclip", "cityscapes"]},
+                          "max_classes": 6},
     "qualitative": {"num_images": 2, "max_images_fallback": 2},
     "authors_vs_ours": {"models": ["clipdinoiser", "maskclip"], "datasets": ["cityscapes"]},
 }
@@ -53,6 +57,19 @@ def _ensure_kernel() -> None:
                        check=True, capture_output=True)
 
 
+def _execute(name: str, root: str, cwd: str) -> str | None:
+    """Run one notebook (jupytext .py -> ipynb -> papermill); the error text, or None on success."""
+    nb = jupytext.read(NOTEBOOKS / f"{name}.py")
+    src = Path(root) / "nb" / f"{name}.ipynb"
+    nbformat.write(nb, src)
+    try:
+        pm.execute_notebook(str(src), str(Path(root) / "reports" / f"{name}.ipynb"), kernel_name="python3",
+                            language="python", parameters={"root": root, **TINY[name]}, progress_bar=False, cwd=cwd)
+    except pm.PapermillExecutionError as err:
+        return f"{err.ename}: {err.evalue}"
+    return None
+
+
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory):
     """Build the tiny root once, run all 15 notebooks on it; returns (root, {notebook: error or None})."""
@@ -60,20 +77,13 @@ def executed(tmp_path_factory):
     _ensure_kernel()
     root = tmp_path_factory.mktemp("root")
     build_root(root, PAIRS, transfer=TRANSFER)
-    errors = {}
-    for name in ALL:
-        nb = jupytext.read(NOTEBOOKS / f"{name}.py")
-        src = root / "nb" / f"{name}.ipynb"
-        src.parent.mkdir(exist_ok=True)
-        (root / "reports").mkdir(exist_ok=True)
-        nbformat.write(nb, src)
-        try:
-            pm.execute_notebook(str(src), str(root / "reports" / f"{name}.ipynb"), kernel_name="python3",
-                                parameters={"root": str(root), **TINY[name]}, progress_bar=False, language="python",
-                                cwd=str(tmp_path_factory.mktemp("cwd")))
-            errors[name] = None
-        except pm.PapermillExecutionError as err:
-            errors[name] = f"{err.ename}: {err.evalue}"
+    (root / "nb").mkdir()
+    (root / "reports").mkdir()
+    cwd = str(tmp_path_factory.mktemp("cwd"))   # notebooks must not depend on the working directory
+    # spawn: the parent has run torch (OpenMP threads), which a fork could deadlock on
+    with ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {name: pool.submit(_execute, name, str(root), cwd) for name in ALL}
+        errors = {name: f.result() for name, f in futures.items()}
     return root, errors
 
 
@@ -100,16 +110,14 @@ def _results(root, model, dataset, kind="eval"):
     return json.loads((root / "results" / kind / model / f"{dataset}.json").read_text())
 
 
-def test_table1_numbers_equal_the_results_and_metrics(executed):
+def test_table1_numbers_equal_the_results(executed):
     root, _ = executed
     csv = pd.read_csv(root / "tables/tab1_main_results.csv", index_col=0)
-    metrics = json.loads((root / "metrics/miou.json").read_text())
     for model, label in (("maskclip", "MaskCLIP"), ("clipdinoiser", "CLIP-DINOiser")):
-        for dataset, col in (("cityscapes", "CS"), ("pascalvoc20", "VOC20")):
+        for dataset, col in (("cityscapes", "CS"),):
             res = _results(root, model, dataset)
             assert csv.loc[label, f"{col} ours"] == pytest.approx(res["methods"]["baseline"]["miou"])
             assert csv.loc[f"{label} + FLOSS", f"{col} ours"] == pytest.approx(res["methods"]["floss"]["miou"])
-            assert metrics[model][dataset]["floss"] == pytest.approx(res["methods"]["floss"]["miou"])
     assert csv.loc["CLIP-DINOiser + FLOSS", "CS paper"] == 34.6
     assert "CLIP [46] (quoted)" in csv.index
     for ext in ("md", "tex"):
