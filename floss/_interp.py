@@ -110,12 +110,20 @@ def upsample_rows(x: torch.Tensor, size: Sequence[int], rows: slice) -> torch.Te
     if out_h == in_h:
         return rows_first[start - lo:stop - lo]
     i0, i1, w0, w1 = bilinear_taps(out_h, in_h, x.dtype if x.dtype == torch.float64 else torch.float32, x.device)
-    shape = (stop - start, 1, 1)
-    lower = rows_first.index_select(0, i0[start:stop] - lo)
-    upper = rows_first.index_select(0, i1[start:stop] - lo)
-    # addcmul is a fused multiply-add: fma(y0, λ0, y1·λ1), the kernel's rounding
-    return torch.addcmul(upper.mul_(w1[start:stop].to(x.dtype).view(shape)), lower,
-                         w0[start:stop].to(x.dtype).view(shape))
+    w0 = w0[start:stop].to(x.dtype).view(-1, 1, 1)
+    w1 = w1[start:stop].to(x.dtype).view(-1, 1, 1)
+    out = torch.empty(stop - start, n, out_w, dtype=x.dtype, device=x.device)
+    # consecutive output rows reading the same input pair form a group: broadcast the two input rows
+    # (views, no gather copies) against the group's weights; addcmul_ is fma(y0, λ0, y1·λ1)
+    _, sizes = torch.unique_consecutive(i0[start:stop] * in_h + i1[start:stop], return_counts=True)
+    g0 = 0
+    for size_g in sizes.tolist():
+        a, b = int(i0[start + g0]) - lo, int(i1[start + g0]) - lo
+        block_out = out[g0:g0 + size_g]
+        torch.mul(rows_first[b:b + 1], w1[g0:g0 + size_g], out=block_out)
+        block_out.addcmul_(rows_first[a:a + 1], w0[g0:g0 + size_g])
+        g0 += size_g
+    return out
 
 
 def upsample_bilinear(x: torch.Tensor, size: Sequence[int], rows: slice | None = None) -> torch.Tensor:
