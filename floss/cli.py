@@ -34,7 +34,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 #: modules imported before parsing so that they can register their own subcommands
 EXTENSIONS: list[str] = []
 #: exceptions that mean bad input or environment: reported in one line, exit status 2
-USER_ERRORS = (ValueError, TypeError, KeyError, OSError, CacheError)
+USER_ERRORS = (ValueError, TypeError, KeyError, OSError, CacheError, ImportError)
 
 
 def add_subcommand(name: str, configure: Callable[[argparse.ArgumentParser], None],
@@ -100,7 +100,7 @@ def run_extract(args: argparse.Namespace) -> int:
     from floss.cache import CacheWriter, ImageRecord, file_sha256
     from floss.classes import CLASS_NAMES, MODELS as NAMED_MODELS, query_names
     from floss.datasets import open_dataset, resolve_name
-    from floss.models import available_models, create_model, settings_for
+    from floss.models import available_models, create_model
     from floss.text import template_embeddings
 
     if args.model not in available_models():
@@ -109,7 +109,6 @@ def run_extract(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit: expected a positive integer, received {args.limit}")
     ctx = distributed.context()
-    settings = settings_for(args.model, dataset, args.protocol)
     ds = open_dataset(dataset, args.data_root, args.split)          # checks the layout before any model work
     ids = sorted(ds.ids)[:args.limit] if args.limit else sorted(ds.ids)
     mine = distributed.shard(ids, ctx)
@@ -118,6 +117,7 @@ def run_extract(args: argparse.Namespace) -> int:
         torch.manual_seed(0)      # random weights must be identical across ranks and resumed runs
     model = create_model(args.model, backbone=args.backbone, pretrained=args.pretrained,
                          checkpoint=args.checkpoint, device=device)
+    settings = model.protocol_settings(dataset, args.protocol)     # a plug-in model brings its own
     queries, q2c = query_names(dataset, args.model if args.model in NAMED_MODELS else None)
     text = template_embeddings(model.encode_text, queries, device="cpu")
     meta = {"model": args.model, "dataset": dataset, "split": args.split, "class_names": list(CLASS_NAMES[dataset]),
@@ -266,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"floss {floss_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first (repeatable), e.g. one that calls floss.models.register_model "
+                             "or floss.register_metric for your own model or metric")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, configure, _) in COMMANDS.items():
         configure(sub.add_parser(name, help=help_text, description=help_text))
@@ -281,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
                         if os.environ.get("WORLD_SIZE", "1") != "1" else "%(asctime)s %(levelname)s %(name)s: %(message)s")
     run = COMMANDS[args.command][2]
     try:
+        for module in args.plugin:
+            importlib.import_module(module)
         return int(run(args) or 0)
     except USER_ERRORS as err:
         if args.debug:

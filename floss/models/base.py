@@ -166,6 +166,13 @@ class DenseModel(abc.ABC):
     def window_features(self, x: torch.Tensor) -> torch.Tensor:
         """CLIP-normalised windows [B, 3, h, w] -> L2-normalised features [B, D, h // p, w // p]."""
 
+    def protocol_settings(self, dataset: str, protocol: str = "authors") -> ProtocolSettings:
+        """Resizing, windows and softmax placement of this model on ``dataset``.
+
+        The built-in models use the authors' table (:func:`settings_for`); a plug-in model overrides this
+        method (or sets ``protocol_model`` to borrow a built-in model's settings)."""
+        return settings_for(getattr(self, "protocol_model", None) or self.name, dataset, protocol)
+
     @torch.inference_mode()
     def extract(self, image: np.ndarray, settings: ProtocolSettings, *,
                 batch_size: int | None = None) -> ImageFeatures:
