@@ -1,0 +1,103 @@
+"""Extraction throughput and peak memory per model, and cache bytes per image.
+
+For each model (MaskCLIP, CLIP-DINOiser, NACLIP) and backbone (the tiny test ViT of ``tests/assets`` and
+ViT-B-16 with random weights — the real architecture, so the timing is that of the real weights), a fresh
+subprocess builds the model, runs ``model.extract`` on ``--images`` random uint8 images of ``--size`` with the
+authors' protocol settings of ``--dataset``, and reports images/s (after one warm-up image), the peak resident
+memory (``ru_maxrss``) minus the memory before the first image, and the bytes the cache stores per image
+(fp16 features + uint8 label, the format of :mod:`floss.cache`).
+
+    python benchmarks/bench_extract.py [--dataset pascalvoc20] [--size 375 500] [--images 2] [--device cpu]
+        [--threads 2] [--backbones tiny ViT-B-16]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"maskclip": "tests/assets/tiny-vit-gelu.json", "clipdinoiser": "tests/assets/tiny-vit-gelu.json",
+        "naclip": "tests/assets/tiny-vit-quickgelu.json"}
+REAL = {"maskclip": "ViT-B-16", "clipdinoiser": "ViT-B-16", "naclip": "ViT-B-16-quickgelu"}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_case(model_name: str, backbone: str, dataset: str, size: tuple[int, int], images: int, device: str,
+             threads: int) -> dict:
+    import numpy as np
+    import torch
+
+    from floss.models import create_model
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = create_model(model_name, backbone=backbone, pretrained="none", device=device)
+    settings = model.protocol_settings(dataset)
+    rng = np.random.default_rng(0)
+    batch = [rng.integers(0, 256, (*size, 3), dtype=np.uint8) for _ in range(images + 1)]
+    before = _rss_bytes()
+    model.extract(batch[0], settings)                                  # warm-up
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for image in batch[1:]:
+        feats = model.extract(image, settings)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    cache_bytes = feats.feats.numel() * 2 + 16 * len(feats.boxes) + size[0] * size[1]
+    return {"model": model_name, "backbone": Path(backbone).stem, "windows": int(feats.feats.shape[0]),
+            "grid": list(feats.feats.shape[2:]), "images_per_s": images / elapsed, "s_per_image": elapsed / images,
+            "extra_peak_mib": (peak - before) / 2**20, "cache_mib_per_image": cache_bytes / 2**20}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="pascalvoc20")
+    parser.add_argument("--size", type=int, nargs=2, default=(375, 500), metavar=("H", "W"))
+    parser.add_argument("--images", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--backbones", nargs="+", default=["tiny", "ViT-B-16"], choices=["tiny", "ViT-B-16"])
+    parser.add_argument("--models", nargs="+", default=["maskclip", "clipdinoiser", "naclip"])
+    parser.add_argument("--case", help=argparse.SUPPRESS)                # internal: one case per subprocess
+    args = parser.parse_args()
+    if args.case:
+        model_name, backbone = args.case.split("|")
+        print(json.dumps(run_case(model_name, backbone, args.dataset, tuple(args.size), args.images, args.device,
+                                  args.threads)))
+        return
+    print(f"dataset settings: {args.dataset}; image {args.size[0]}x{args.size[1]}; {args.images} images; "
+          f"device {args.device}; {args.threads} threads")
+    print(f"{'model':<13}{'backbone':<20}{'windows':>8}{'grid':>9}{'img/s':>9}{'s/img':>8}{'peak MiB':>10}"
+          f"{'cache MiB/img':>15}")
+    for backbone_kind in args.backbones:
+        for model_name in args.models:
+            backbone = str(ROOT / TINY[model_name]) if backbone_kind == "tiny" else REAL[model_name]
+            cmd = [sys.executable, __file__, "--case", f"{model_name}|{backbone}", "--dataset", args.dataset,
+                   "--size", *map(str, args.size), "--images", str(args.images), "--device", args.device,
+                   "--threads", str(args.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ,
+                                                                                   "HF_HUB_OFFLINE": "1"})
+            if out.returncode != 0:
+                print(f"{model_name} {backbone_kind}: failed\n{out.stderr[-2000:]}")
+                continue
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"{r['model']:<13}{r['backbone']:<20}{r['windows']:>8}{'x'.join(map(str, r['grid'])):>9}"
+                  f"{r['images_per_s']:>9.2f}{r['s_per_image']:>8.2f}{r['extra_peak_mib']:>10.0f}"
+                  f"{r['cache_mib_per_image']:>15.2f}")
+
+
+if __name__ == "__main__":
+    main()
