@@ -164,23 +164,29 @@ def rankings_path(model: str, dataset: str) -> Path:
 
 def stage_rank(params: Mapping, model: str, dataset: str | None = None) -> None:
     """Rank the 80 templates on the train caches: rankings JSON (authors' schema, one per metric; entropy
-    keeps the authors' file name) and the TemplateStats with per-image records (results/stats)."""
+    keeps the authors' file name) and the TemplateStats (results/stats; with per-image records for the
+    ``low_data`` pairs)."""
     from floss.cache import FeatureCache
     from floss.classes import ranking_keys
     from floss.protocol import rank_cache
     from floss.rankings import save_rankings
 
     metrics = params["rank"]["metrics"]
+    low = params.get("low_data", {})
     for d, _ in _select([(d, "train") for d in params["models"][model]], dataset):
         cache = FeatureCache(cache_dir(model, d, "train"))
-        st = rank_cache(cache, metrics=metrics, track_images=True, device=_device(params["rank"]["device"]))
+        # per-image records double the cost: only for the pairs of the low-data analysis (Fig. 3)
+        track = model == low.get("model") and d in low.get("datasets", ())
+        st = rank_cache(cache, metrics=metrics, track_images=track, device=_device(params["rank"]["device"]))
         keys = ranking_keys(d, "naclip" if model.startswith("naclip") else model)
         for metric in metrics:
             path = rankings_path(model, d)
             if metric != "entropy":
                 path = path.with_name(f"template_rankings_{model}_{d}.{metric}.json")
             save_rankings(st.rankings(keys, metric=metric, model=model, dataset=d, split="train"), path, metric)
-        st.save(paths.ROOT / "results" / "stats" / model / f"{d}.safetensors")
+        stats_path = paths.ROOT / "results" / "stats" / model / f"{d}.safetensors"
+        stats_path.parent.mkdir(parents=True, exist_ok=True)      # DVC deletes outs before the stage runs
+        st.save(stats_path)
         logger.info("ranked %s/%s on %d train images", model, d, len(cache))
 
 
@@ -390,6 +396,9 @@ def register() -> None:
     for name, (help_text, conf, run) in COMMANDS.items():
         if name not in cli.COMMANDS:
             cli.add_subcommand(name, conf, run, help_text)
+
+
+register()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,10 +51,12 @@ __all__ = ["write_synthetic_cache", "planted_experts", "synthetic_settings", "SY
            "default_num_images", "GENERATOR_VERSION"]
 
 #: bump when the generative model changes (part of every synthetic cache's fingerprint)
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 NUM_TEMPLATES = 80
-#: real window/scale geometry is divided by this (448-px windows become 64 px = a 4×4 grid of 16-px patches)
+#: real window/scale geometry is divided by this (448-px windows become 64 px = a 4×4 grid of 16-px patches);
+#: ADE20K / COCO-Stuff use twice that (2×2 grids): FLOSS costs K² maps per window and K is 150 / 171 there
 GEOMETRY_SCALE = 7
+_GEOMETRY_SCALE = {"ade20k": 14, "cocostuff": 14}
 PATCH = 16
 
 
@@ -80,12 +82,13 @@ _VOID_WEIGHT = {"cityscapes": 0.8, "pascalvoc20": 0.6, "pascalco59": 0.25, "ade2
 _DRIVING_SIZES = {"cityscapes": [(48, 96)], "bdd": [(45, 80)], "mapillary": [(48, 64), (48, 72), (54, 96)],
                   **{f"acdc_{c}": [(48, 85)] for c in ("night", "fog", "rain", "snow")}}
 _OTHER_SIZES = [(48, 64), (64, 48), (48, 72), (56, 64)]
+_LARGE_K_SIZES = [(24, 32), (32, 24), (24, 36), (28, 32)]
 #: per-image domain-shift strength (relative to a prototype); transfer sets are harder than Cityscapes
 _SHIFT = {"acdc_night": 0.9, "acdc_snow": 0.7, "acdc_fog": 0.6, "acdc_rain": 0.6, "bdd": 0.45, "mapillary": 0.4}
 _DEFAULT_SHIFT = 0.2
 #: default image counts per split (chosen so the whole demo runs in minutes on 2 CPU cores)
-_DEFAULT_COUNTS = {"cityscapes": (40, 20), "pascalvoc20": (40, 20), "pascalco59": (32, 16),
-                   "ade20k": (20, 12), "cocostuff": (20, 12)}
+_DEFAULT_COUNTS = {"cityscapes": (24, 12), "pascalvoc20": (24, 12), "pascalco59": (16, 8),
+                   "ade20k": (12, 6), "cocostuff": (12, 6)}
 _TRANSFER_COUNT = 12
 
 
@@ -108,10 +111,12 @@ def default_num_images(dataset: str, split: str) -> int:
 
 
 def synthetic_settings(model: str, dataset: str, protocol: str = "authors") -> ProtocolSettings:
-    """The model's :class:`ProtocolSettings` with the geometry (scale, crop, stride) divided by 7."""
+    """The model's :class:`ProtocolSettings` with the geometry (scale, crop, stride) divided by 7 (14 on
+    ADE20K / COCO-Stuff)."""
     knobs = _knobs(model)
     real = settings_for(knobs.protocol_model, dataset, protocol)
-    div = lambda v: None if v is None else max(1, int(round(v / GEOMETRY_SCALE)))  # noqa: E731
+    factor = _GEOMETRY_SCALE.get(dataset, GEOMETRY_SCALE)
+    div = lambda v: None if v is None else max(1, int(round(v / factor)))  # noqa: E731
     return dataclasses.replace(real, scale=(div(real.scale[0]), div(real.scale[1])), crop=div(real.crop),
                                stride=div(real.stride))
 
@@ -174,7 +179,7 @@ def _world(model: str, dataset: str, seed: int, feature_dim: int, planted_per_cl
 
 # ---------------------------------------------------------------------------------------------- the images
 def _image_size(dataset: str, g: torch.Generator) -> tuple[int, int]:
-    sizes = _DRIVING_SIZES.get(dataset, _OTHER_SIZES)
+    sizes = _DRIVING_SIZES.get(dataset, _LARGE_K_SIZES if dataset in _GEOMETRY_SCALE else _OTHER_SIZES)
     return sizes[int(torch.randint(len(sizes), (1,), generator=g))]
 
 

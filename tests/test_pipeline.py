@@ -253,6 +253,7 @@ def test_demo_stages_end_to_end(tmp_path, monkeypatch):
     params["synthetic"]["images"] = {"cityscapes": {"train": 4, "val": 3}, "transfer": {"val": 2}}
     params["rank"]["metrics"] = ["entropy", "avgprob"]
     params["evaluate"]["fusions"] = ["highest", "average"]
+    params["low_data"].update(model="maskclip", datasets=["cityscapes"])
     params = validate_params(params)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
