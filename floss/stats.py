@@ -212,8 +212,8 @@ class TemplateStats:
         dev = probs.device
         work = torch.float64 if probs.dtype == torch.float64 else torch.float32
         specs = [get_metric(name) for name in self._pixel_metrics]
-        counts = torch.zeros(m * k, dtype=torch.int64, device=dev)
-        sums = torch.zeros(len(specs), m * k, dtype=torch.float64, device=dev)
+        counts = torch.zeros(m, k, dtype=torch.int64, device=dev)
+        sums = torch.zeros(len(specs), m, k, dtype=torch.float64, device=dev)
         fsum = None if features is None else torch.zeros(m * k, features.shape[0], dtype=torch.float64, device=dev)
         # block = (rows, templates): >= MIN_ROWS output rows (so that the width pass, done on the input rows
         # a block reads, is shared by many output rows), then as many templates as the budget allows
@@ -222,26 +222,33 @@ class TemplateStats:
         m_chunk = max(1, min(m, CHUNK_ELEMENTS // (row_elems * rows_per)))
         for t0 in range(0, m, m_chunk):
             t1 = min(m, t0 + m_chunk)
+            mc = t1 - t0
             # fp16 canvases are read in fp32 (the authors compute the entropy in fp32)
-            src = probs[t0:t1].to(work).reshape((t1 - t0) * k, h, w)
-            offsets = torch.arange(t0, t1, device=dev) * k
+            src = probs[t0:t1].to(work).reshape(mc * k, h, w)
             for r0 in range(0, out_h, rows_per):
                 rows = slice(r0, min(out_h, r0 + rows_per))
                 # rows-first [R, m_c·K, W]: (row, template) pairs form the batch dim the metrics see
                 q = upsample_rows(src, size, rows).view(-1, k, out_w)
                 best, pred = q.max(dim=1)  # first index on ties, like torch.argmax
-                keys = (pred.view(-1, t1 - t0, out_w) + offsets.view(1, -1, 1)).reshape(-1)
-                counts += torch.bincount(keys, minlength=m * k)
+                # per-(row, template) class histograms by scatter_add along a [R, m_c, K] table (no flat
+                # keys, no offsets; integer counts exact, float64 sums), then summed over the block's rows
+                pred = pred.view(-1, mc, out_w)
+                table = torch.zeros(pred.shape[0], mc, k, dtype=torch.int64, device=dev)
+                ones = torch.ones(1, 1, 1, dtype=torch.int64, device=dev).expand_as(pred)
+                counts[t0:t1] += table.scatter_add_(2, pred, ones).sum(0)
                 for j, spec in enumerate(specs):
                     score = best if spec.name == "avgprob" else spec.pixel_score(q)  # avgprob = max_j q_j
-                    sums[j] += torch.bincount(keys, weights=score.reshape(-1).to(torch.float64), minlength=m * k)
+                    score = score.view(-1, mc, out_w).to(torch.float64)
+                    ftable = torch.zeros(pred.shape[0], mc, k, dtype=torch.float64, device=dev)
+                    sums[j, t0:t1] += ftable.scatter_add_(2, pred, score).sum(0)
                 if fsum is not None:
+                    keys = (pred + (torch.arange(t0, t1, device=dev) * k).view(1, -1, 1)).reshape(-1)
                     f = upsample_rows(features.to(dev, work), size, rows)  # [R, D, W]
                     f = f.permute(0, 2, 1).to(torch.float64)  # [R, W, D]
-                    kv = keys.view(-1, t1 - t0, out_w)
-                    for t in range(t1 - t0):
+                    kv = keys.view(-1, mc, out_w)
+                    for t in range(mc):
                         fsum.index_add_(0, kv[:, t].reshape(-1), f.reshape(-1, f.shape[-1]))
-        return counts.view(m, k), sums.view(len(specs), m, k), (None if fsum is None else fsum.view(m, k, -1))
+        return counts, sums, (None if fsum is None else fsum.view(m, k, -1))
 
     # ------------------------------------------------------------------------------ per-image records
     def _check_new_record(self, image_id, tids: torch.Tensor, npix: int) -> None:
