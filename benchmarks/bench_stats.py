@@ -9,7 +9,7 @@ larger image, where materialising the full-resolution stack would need ``M·K·H
 
     python benchmarks/bench_stats.py [--quick] [--device cpu|cuda] [--repeats N]
 
-Measured (2026 dev container, 2 CPU cores, quiet machine, torch 2.14.1 CPU, 2 threads), command
+Measured (dev container, 2 CPU cores, quiet machine, torch 2.14.1 CPU, 2 threads), command
 ``CUDA_VISIBLE_DEVICES= python benchmarks/bench_stats.py --quick --repeats 3``: M=80 K=19 32x64 -> 256x512,
 counts identical, entropy sums max relative difference 1.8e-7; reference 3951 ms/image; ours, entropy
 1222 ms/image (3.23x); ours, entropy+avgprob+mano 4320 ms/image (0.91x, MaNo's softrun dominates).
