@@ -35,6 +35,8 @@ from floss.params import ParamsError, load_params, validate_params  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
+NUM_TEMPLATES = 80
+
 #: notebook -> {papermill parameter: params.yaml key}; dvc.yaml lists exactly these keys per notebook stage
 NOTEBOOK_PARAMS: dict[str, dict[str, str]] = {
     "tab1_main_results": {}, "tab2_expert_quality": {}, "tab4_fusion": {}, "tab5_backbones": {},
@@ -191,15 +193,31 @@ def stage_rank(params: Mapping, model: str, dataset: str | None = None) -> None:
 
 
 def _experts(params: Mapping, model: str, dataset: str) -> list[list[int]]:
+    """Top-N experts per class as the authors' code selects them (protocol §1.5, §3.8): the first N templates
+    with ``pixel_percentage > 0``; a class with fewer keeps those, and one with none uses all 80 templates
+    (their MaskCLIP/CLIP-DINOiser rule). Tiny train sets (the demo's ADE20K) reach these cases; each is logged."""
     from floss.classes import ranking_keys
-    from floss.rankings import load_rankings, select_experts
+    from floss.rankings import load_rankings, ranking_key, validate_rankings
 
     ev = params["evaluate"]
+    n, metric = ev["n_experts"], ev["metric"]
     path = rankings_path(model, dataset)
-    if ev["metric"] != "entropy":
-        path = path.with_name(f"template_rankings_{model}_{dataset}.{ev['metric']}.json")
+    if metric != "entropy":
+        path = path.with_name(f"template_rankings_{model}_{dataset}.{metric}.json")
     keys = ranking_keys(dataset, "naclip" if model.startswith("naclip") else model)
-    return select_experts(load_rankings(path), n=ev["n_experts"], metric=ev["metric"], class_names=keys)
+    rankings = load_rankings(path)
+    validate_rankings(rankings, class_names=keys, metric=metric)
+    experts, short = [], []
+    for name in keys:
+        valid = [it["template_id"] for it in rankings["classes"][name][ranking_key(metric)]
+                 if it["pixel_percentage"] > 0.0]
+        if len(valid) < n:
+            short.append(f"{name} ({len(valid)})")
+        experts.append(valid[:n] if valid else list(range(NUM_TEMPLATES)))
+    if short:
+        logger.warning("%s/%s: %d classes have fewer than %d valid templates (no valid one: all %d templates): %s",
+                       model, dataset, len(short), n, NUM_TEMPLATES, ", ".join(short[:10]))
+    return experts
 
 
 def _evaluate_into(params: Mapping, model: str, cache_path: Path, experts, out: Path, per_template: bool) -> None:

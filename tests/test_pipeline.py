@@ -290,3 +290,22 @@ def test_dvc_lock_is_up_to_date():
     run = subprocess.run([dvc, "repro", "--dry", "--allow-missing"], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr
     assert "Running stage" not in run.stdout, f"dvc.lock is stale:\n{run.stdout}"
+
+
+def test_experts_follow_the_authors_rule_for_classes_without_enough_valid_templates(tmp_path, monkeypatch):
+    from floss import pipeline
+    from floss.classes import CLASS_NAMES
+    from floss.rankings import save_rankings
+
+    monkeypatch.setattr(paths, "ROOT", tmp_path)
+    classes = {}
+    for k, name in enumerate(CLASS_NAMES["cityscapes"]):
+        order = [(t + k) % 80 for t in range(80)]
+        valid = {0: 0, 1: 2}.get(k, 80)          # road: no valid template, sidewalk: two
+        classes[name] = {"entropy_ranking": [{"template_id": t, "entropy": 0.0 if i >= valid else 0.1 * (i + 1),
+                                              "pixel_percentage": 1.0 if i < valid else 0.0, "rank": i + 1}
+                                             for i, t in enumerate(order)]}
+    save_rankings({"model": "maskclip", "dataset": "cityscapes", "split": "train", "classes": classes},
+                  pipeline.rankings_path("maskclip", "cityscapes"))
+    experts = pipeline._experts(PARAMS, "maskclip", "cityscapes")
+    assert experts[0] == list(range(80)) and experts[1] == [1, 2] and experts[2] == [2, 3, 4, 5]
