@@ -51,7 +51,7 @@ __all__ = ["write_synthetic_cache", "planted_experts", "synthetic_settings", "SY
            "default_num_images", "GENERATOR_VERSION"]
 
 #: bump when the generative model changes (part of every synthetic cache's fingerprint)
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 NUM_TEMPLATES = 80
 #: real window/scale geometry is divided by this (448-px windows become 64 px = a 4×4 grid of 16-px patches);
 #: ADE20K / COCO-Stuff use twice that (2×2 grids): FLOSS costs K² maps per window and K is 150 / 171 there
@@ -72,8 +72,8 @@ class _ModelKnobs:
 SYNTHETIC_MODELS: dict[str, _ModelKnobs] = {
     "maskclip": _ModelKnobs("maskclip", "openclip-vitb16", 0.16, 1.15),
     "clipdinoiser": _ModelKnobs("clipdinoiser", "openclip-vitb16", 0.18, 0.75),
-    "naclip": _ModelKnobs("naclip", "openai-vitb16", 0.06, 0.9),
-    "naclip_vitl14": _ModelKnobs("naclip", "openai-vitl14", 0.065, 0.8),
+    "naclip": _ModelKnobs("naclip", "openai-vitb16", 0.17, 0.95),
+    "naclip_vitl14": _ModelKnobs("naclip", "openai-vitl14", 0.18, 0.85),
 }
 
 # per dataset: classes drawn per image, void (255) weight, image sizes (H, W) at original resolution
