@@ -125,6 +125,9 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 def metric_iou_pairs(rankings: Mapping, iou: pd.DataFrame, metric: str = "entropy") -> pd.DataFrame:
     """Per (class, template): the metric value, the true IoU and validity; the data of Figs. 12–15."""
     frame = ranking_frame(rankings, metric)
+    # NACLIP's rankings use the class names without spaces (protocol §1.6); results use the dataset's names
+    unspaced = {c.replace(" ", ""): c for c in iou.columns}
+    frame["class"] = [c if c in iou.columns else unspaced.get(c.replace(" ", ""), c) for c in frame["class"]]
     missing = sorted(set(frame["class"]) - set(iou.columns))
     if missing:
         raise ValueError(f"iou: classes {missing[:5]} of the rankings have no per-template IoU column")
