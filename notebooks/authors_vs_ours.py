@@ -29,7 +29,7 @@ from pathlib import Path
 import pandas as pd
 
 import floss.paths
-from floss.rankings import select_experts
+from floss.experiments import lenient_experts
 from floss.report import analysis, paper, tables
 
 ROOT = Path(root) if root else floss.paths.ROOT
@@ -48,7 +48,8 @@ for m in models:
             synthetic |= analysis.is_synthetic(analysis.read_json(results_file))
         synthetic |= analysis.is_synthetic(rankings)
         names = list(rankings["classes"])
-        ours = dict(zip(names, select_experts(rankings, n=n)))
+        # the authors' rule (as the evaluate stage): classes with fewer than n valid templates keep those
+        ours = dict(zip(names, lenient_experts(rankings, n=n)[0]))
         table = analysis.overlap_table(authors, ours, names)
         table.index = [f"{paper.model_label(m)} / {d} / {c}" for c in table.index]
         parts.append(table)
