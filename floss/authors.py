@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Mapping
+
+from floss._io import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -28,17 +29,6 @@ TOP4_FILE = "top4_experts.json"
 def rankings_relpath(model: str, dataset: str) -> str:
     return f"rankings/{model}/template_rankings_{model}_{dataset}.json"
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _download(url: str, timeout: float) -> bytes:
@@ -146,6 +136,6 @@ def fetch_authors(dest: str | os.PathLike, *, url: str, local: str | os.PathLike
     if dest.exists() and not dest.is_dir():
         raise NotADirectoryError(f"dest: {dest} exists and is not a folder")
     for rel, data in staged.items():
-        _atomic_write(dest / rel, data)
+        atomic_write_bytes(dest / rel, data)
     logger.info("authors' data: %d files in %s (from %s)", len(staged), dest, local or url)
     return dest

@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -38,6 +37,8 @@ from typing import Any, Iterator, Mapping
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from floss._io import atomic_write, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -82,26 +83,9 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def _jsonable(obj: Any) -> Any:
@@ -173,7 +157,7 @@ def merge_partial_manifests(root: str | os.PathLike, write: bool = True) -> dict
     manifest["shards"] = sorted((s for p in parts.values() for s in p["shards"]), key=lambda s: s["name"])
     manifest["complete"] = True
     if write:
-        _atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1))
+        atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1))
         logger.info("merged %d partial manifests of %s: %d images in %d shards", len(parts), root,
                     len(images), len(manifest["shards"]))
     return manifest
@@ -328,7 +312,7 @@ class CacheWriter:
                                    "has_label": r.label is not None} for i, r in enumerate(self._buffer)]
         self.done_ids.update(r.id for r in self._buffer)
         self._buffer = []
-        _atomic_write_text(self._partial_path, json.dumps(self._state, indent=1))
+        atomic_write_text(self._partial_path, json.dumps(self._state, indent=1))
         logger.debug("wrote shard %s", path)
 
     def close(self) -> bool:
@@ -340,7 +324,7 @@ class CacheWriter:
             return True
         self._flush()
         self._state["finished"] = True
-        _atomic_write_text(self._partial_path, json.dumps(self._state, indent=1))
+        atomic_write_text(self._partial_path, json.dumps(self._state, indent=1))
         parts = _partial_manifests(self.root)
         if len(parts) == self.world_size and all(p.get("finished") for p in parts.values()):
             merge_partial_manifests(self.root)

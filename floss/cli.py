@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata
-import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -51,18 +49,6 @@ def floss_version() -> str:
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
 
-
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ------------------------------------------------------------------------------------------------ extract
@@ -226,7 +212,7 @@ def match_rankings_classes(rankings: dict, class_names: list[str], source: Path)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from safetensors.torch import save_file
+    from floss._io import save_results
 
     from floss.cache import FeatureCache
     from floss.protocol import evaluate_cache
@@ -243,12 +229,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     confusion = results.pop("confusion")
     results["config"].update(rankings=str(args.rankings) if args.rankings else None, n_experts=args.n_experts,
                              metric=args.metric, features=str(args.features))
-    _write_json(args.out, results)
-    conf_path = args.out.with_name(args.out.stem + ".confusion.safetensors")
-    fd, tmp = tempfile.mkstemp(dir=conf_path.parent, prefix=f".{conf_path.name}.", suffix=".tmp")
-    os.close(fd)
-    save_file({k: v.contiguous() for k, v in confusion.items()}, tmp)
-    os.replace(tmp, conf_path)
+    conf_path = save_results(results, confusion, args.out)
     summary = ", ".join(f"{k} {v['miou']}" for k, v in results["methods"].items())
     logger.info("mIoU (%%): %s; wrote %s and %s", summary, args.out, conf_path)
     return 0

@@ -24,13 +24,13 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
 from floss import paths
+from floss._io import atomic_write_json
 from floss.params import ParamsError, load_params, validate_params  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -59,18 +59,6 @@ def _lookup(params: Mapping, dotted: str) -> Any:
         node = node[part]
     return node
 
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _device(value: str) -> str | None:
@@ -221,8 +209,7 @@ def _experts(params: Mapping, model: str, dataset: str) -> list[list[int]]:
 
 
 def _evaluate_into(params: Mapping, model: str, cache_path: Path, experts, out: Path, per_template: bool) -> None:
-    from safetensors.torch import save_file
-
+    from floss._io import save_results
     from floss.cache import FeatureCache
     from floss.protocol import evaluate_cache
 
@@ -234,12 +221,7 @@ def _evaluate_into(params: Mapping, model: str, cache_path: Path, experts, out: 
     results["model"] = model          # the matrix key (naclip_vitl14 caches are NACLIP caches)
     results["source"] = cache.manifest.get("source", "real")
     results["config"].update(n_experts=ev["n_experts"], metric=ev["metric"], profile=params["profile"])
-    _write_json(out, results)
-    conf_path = out.with_name(out.stem + ".confusion.safetensors")
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{conf_path.name}.", suffix=".tmp")
-    os.close(fd)
-    save_file({k: v.contiguous() for k, v in confusion.items()}, tmp)
-    os.replace(tmp, conf_path)
+    save_results(results, confusion, out)
     summary = ", ".join(f"{k} {v['miou']}" for k, v in results["methods"].items())
     logger.info("%s/%s: mIoU %s", model, cache.manifest["dataset"], summary)
 
@@ -273,7 +255,7 @@ def stage_metrics(params: Mapping) -> Path:
     if not out:
         raise FileNotFoundError(f"{paths.ROOT / 'results' / 'eval'}: no results JSON (run the evaluate stages)")
     target = paths.METRICS / "miou.json"
-    _write_json(target, out)
+    atomic_write_json(target, out)
     return target
 
 
