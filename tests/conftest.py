@@ -39,28 +39,25 @@ def tiny_quickgelu_config() -> str:
     return TINY_QUICKGELU
 
 
-@pytest.fixture(scope="session")
-def tiny_maskclip():
+def _tiny_model(name: str, config: str):
+    """A tiny model with random weights (seed 0) and randomised LayerNorm affines."""
     from floss.models import create_model
     torch.manual_seed(0)
-    model = create_model("maskclip", backbone=TINY_GELU, pretrained="none")
+    model = create_model(name, backbone=config, pretrained="none")
     _randomise_norms(model)
     return model
+
+
+@pytest.fixture(scope="session")
+def tiny_maskclip():
+    return _tiny_model("maskclip", TINY_GELU)
 
 
 @pytest.fixture(scope="session")
 def tiny_clipdinoiser():
-    from floss.models import create_model
-    torch.manual_seed(0)
-    model = create_model("clipdinoiser", backbone=TINY_GELU, pretrained="none")
-    _randomise_norms(model)
-    return model
+    return _tiny_model("clipdinoiser", TINY_GELU)
 
 
 @pytest.fixture(scope="session")
 def tiny_naclip():
-    from floss.models import create_model
-    torch.manual_seed(0)
-    model = create_model("naclip", backbone=TINY_QUICKGELU, pretrained="none")
-    _randomise_norms(model)
-    return model
+    return _tiny_model("naclip", TINY_QUICKGELU)
