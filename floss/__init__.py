@@ -11,23 +11,36 @@ single-template predictions on unlabeled images, keep the top-N class experts, f
     fused = floss.fuse(expert_probs, fallback_probs)    # [K, K, H, W], [K, H, W] -> [K, H, W]
 
 Models, datasets, the feature cache and the pipeline live in submodules (``floss.models``, ``floss.datasets``,
-``floss.cache``, ``floss.protocol``) and are imported on demand.
+``floss.cache``, ``floss.protocol``). The names below are imported on first use, so ``import floss.paths`` (the
+pipeline's light stages, ``check-params``) does not pay for torch.
 """
-from floss.classes import CLASS_NAMES
-from floss.evaluation import ConfusionMeter, confusion_matrix, miou
-from floss.fusion import fuse
-from floss.metrics_registry import available_metrics, register_metric
-from floss.rankings import (expert_quality, load_rankings, mixed_experts, oracle_experts, save_rankings,
-                            select_experts, true_experts)
-from floss.stats import TemplateStats
-from floss.templates import IMAGENET_TEMPLATES
-from floss.text import averaged_classifier, expert_classifiers, template_embeddings
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "IMAGENET_TEMPLATES", "CLASS_NAMES", "TemplateStats", "select_experts", "fuse", "confusion_matrix", "miou",
-    "ConfusionMeter", "load_rankings", "save_rankings", "oracle_experts", "true_experts", "mixed_experts",
-    "expert_quality", "template_embeddings", "averaged_classifier", "expert_classifiers", "register_metric",
-    "available_metrics", "__version__",
-]
+#: public name -> the module that defines it
+_EXPORTS = {
+    "IMAGENET_TEMPLATES": "floss.templates", "CLASS_NAMES": "floss.classes", "TemplateStats": "floss.stats",
+    "select_experts": "floss.rankings", "fuse": "floss.fusion", "confusion_matrix": "floss.evaluation",
+    "miou": "floss.evaluation", "ConfusionMeter": "floss.evaluation", "load_rankings": "floss.rankings",
+    "save_rankings": "floss.rankings", "oracle_experts": "floss.rankings", "true_experts": "floss.rankings",
+    "mixed_experts": "floss.rankings", "expert_quality": "floss.rankings", "template_embeddings": "floss.text",
+    "averaged_classifier": "floss.text", "expert_classifiers": "floss.text", "register_metric": "floss.metrics_registry",
+    "available_metrics": "floss.metrics_registry",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'floss' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,10 +1,14 @@
 """The authors' published data: 15 rankings files, the per-template IoU of CLIP-DINOiser on Cityscapes and the
 top-4 experts derived from the rankings (Fig. 12 and the authors-vs-ours comparison need them).
 
-Source: the FLOSS repository's raw files (``authors.url`` in params.yaml), or a local folder with the same files
-(``authors.local``; flat or with the repository's ``notebooks/`` sub-folder). Every file is schema-checked
-(:func:`floss.rankings.validate_rankings`) before it is written, atomically, under ``data/authors/``. These are
-third-party data: they are never committed to this repository.
+Source: the FLOSS repository's raw files at a pinned commit (``authors.url`` in params.yaml), or a local folder with
+the same files (``authors.local``; flat or with the repository's ``notebooks/`` sub-folder). Every file is
+schema-checked (:func:`floss.rankings.validate_rankings`) before it is written, atomically, under ``data/authors/``.
+These are third-party data: they are never committed to this repository.
+
+The pipeline never fails for want of them (:func:`obtain_authors`): a local folder if one is given, else the pinned
+URL, else ``data/authors/status.json`` records that the data is unavailable and why, and the items that need it
+(Fig. 12 from the authors' data, the authors-vs-ours table) say so, with :data:`GET_IT`.
 """
 from __future__ import annotations
 
@@ -24,6 +28,12 @@ MODELS = ("maskclip", "clipdinoiser", "naclip")
 DATASETS = ("cityscapes", "pascalvoc20", "pascalco59", "ade20k", "cocostuff")
 IOU_FILE = "iou_per_template_clipdinoiser_cityscapes.json"
 TOP4_FILE = "top4_experts.json"
+STATUS_FILE = "status.json"
+#: the commit of github.com/yasserben/FLOSS whose files FLOSS-protocol.md describes (params.yaml pins the same)
+PINNED_COMMIT = "ccf1d49dba37d0e35316dc50be57d133745a168a"
+#: what a user runs to get the data once it is reachable (the authors stage retries on every ``dvc repro``)
+GET_IT = ("run `dvc repro` on a machine with network access (the authors stage downloads the pinned files), or "
+          "`dvc exp run -S authors.local=<folder holding rankings/ and the IoU file>` with a local copy")
 
 
 def rankings_relpath(model: str, dataset: str) -> str:
@@ -39,7 +49,7 @@ def _download(url: str, timeout: float) -> bytes:
         raise ConnectionError(
             f"authors.url: could not download {url} ({err}). Without network access, set authors.local in "
             "params.yaml to a folder holding the authors' files (rankings/<model>/template_rankings_<model>_"
-            f"<dataset>.json and {IOU_FILE}), e.g. ../shared/reference/authors") from err
+            f"<dataset>.json and {IOU_FILE})") from err
 
 
 def _read_local(local: Path, relpath: str) -> bytes:
@@ -87,6 +97,54 @@ def top_experts(rankings: Mapping[str, Mapping], n: int = 4) -> dict[str, dict[s
         names = list(doc["classes"])
         out[key] = dict(zip(names, select_experts(doc, n=n, class_names=names)))
     return out
+
+
+def obtain_authors(dest: str | os.PathLike, *, url: str, local: str | os.PathLike | None = None,
+                   timeout: float = 15.0) -> dict:
+    """The pipeline's authors stage: ``local`` if given, else ``url``, else record the data as unavailable.
+
+    Always writes ``dest/status.json`` (``available``, ``source``, ``reasons``, ``get_it``) and returns it; never
+    raises for a missing folder, a failed download or a broken copy (each attempt's reason is recorded and
+    logged as a warning), so an offline machine still runs the whole pipeline.
+    """
+    dest = Path(dest)
+    reasons = []
+    attempts = ([("local", local)] if local is not None else []) + [("url", url)]
+    for kind, source in attempts:
+        try:
+            fetch_authors(dest, url=url, local=source if kind == "local" else None, timeout=timeout)
+        except (OSError, ValueError) as err:      # ConnectionError and FileNotFoundError are OSErrors
+            reasons.append(f"{kind} {source}: {err}")
+            logger.warning("authors' data from %s %s unavailable: %s", kind, source, err)
+            continue
+        status = {"available": True, "source": f"{kind}:{source}", "reasons": reasons, "get_it": None}
+        break
+    else:
+        status = {"available": False, "source": None, "reasons": reasons, "get_it": GET_IT}
+        logger.warning("the authors' published data is unavailable; the items that need it say so. To get it: %s",
+                       GET_IT)
+    atomic_write_bytes(dest / STATUS_FILE, (json.dumps(status, indent=1) + "\n").encode())
+    return status
+
+
+def authors_status(root: str | os.PathLike) -> dict:
+    """``data/authors/status.json`` under ``root`` (written by :func:`obtain_authors`); a missing file reads as
+    unavailable (the authors stage has not run)."""
+    folder = Path(root) / "data" / "authors"
+    path = folder / STATUS_FILE
+    if not path.is_file():
+        if (folder / "rankings").is_dir():      # files put there by hand, without the stage
+            return {"available": True, "source": str(folder), "reasons": [], "get_it": None}
+        return {"available": False, "source": None, "get_it": GET_IT,
+                "reasons": [f"{path} does not exist (the pipeline's authors stage has not run)"]}
+    return json.loads(path.read_text())
+
+
+def unavailable_note(status: Mapping) -> str:
+    """One sentence for captions and titles: the data was unavailable, why (first reason), how to get it."""
+    reason = (status.get("reasons") or ["unknown reason"])[-1]
+    return f"The authors' published data was unavailable ({reason.split(': ', 1)[-1][:160]}). To get it, " \
+           f"{status.get('get_it') or GET_IT}."
 
 
 def fetch_authors(dest: str | os.PathLike, *, url: str, local: str | os.PathLike | None = None,

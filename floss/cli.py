@@ -58,73 +58,68 @@ def _configure_extract(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", required=True, choices=("train", "val"))
     p.add_argument("--data-root", required=True, type=Path, help="the dataset folder in its mmseg layout")
     p.add_argument("--out", required=True, type=Path, help="feature-cache folder (created; resumed if present)")
+    _configure_model(p)
+    p.add_argument("--limit", type=int, help="only the first N images (sorted ids)")
+    p.add_argument("--protocol", choices=("authors", "paper"), default="authors")
+    p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
+                   help="feature precision on disk: fp32 (exact, default) or fp16 (half the disk; see the README)")
+    p.add_argument("--images-per-shard", type=int, default=256)
+
+
+def _configure_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", help="open_clip model name or model-config .json (default: the model's)")
     p.add_argument("--pretrained", help="open_clip tag, weight file, or 'none' for random weights (tests only)")
     p.add_argument("--checkpoint", help="extra head weights (CLIP-DINOiser)")
     p.add_argument("--device", help="cpu | cuda | cuda:i (default: cuda if available; torchrun: cuda:LOCAL_RANK)")
-    p.add_argument("--limit", type=int, help="only the first N images (sorted ids)")
-    p.add_argument("--protocol", choices=("authors", "paper"), default="authors")
-    p.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16",
-                   help="feature precision on disk (fp32 for bit-level comparisons)")
-    p.add_argument("--images-per-shard", type=int, default=256)
+    p.add_argument("--precision", choices=("auto", "fp32", "fp16"), default="auto",
+                   help="model precision; auto = the authors' (NACLIP fp16 on CUDA, fp32 on CPU; others fp32)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding images (0: none)")
+    p.add_argument("--text-cache", type=Path, help="folder of cached text embeddings (default ~/.cache/floss/text)")
 
 
-def _weights_id(pretrained: str | None, default: str | None) -> str:
-    from floss.cache import file_sha256
-    tag = pretrained or default or "default"
-    if tag == "none":
-        return "none (random, seed 0)"
-    if os.path.isfile(tag):
-        return f"sha256:{file_sha256(tag)}"
-    return f"tag:{tag}"
-
-
-def run_extract(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
-    from floss import distributed
-    from floss.cache import CacheWriter, ImageRecord, file_sha256
-    from floss.classes import CLASS_NAMES, MODELS as NAMED_MODELS, query_names
-    from floss.datasets import open_dataset, resolve_name
+def load_model(args: argparse.Namespace, device):
+    """The model of ``--model/--backbone/--pretrained/--checkpoint/--precision`` on ``device``."""
+    from floss.extraction import resolve_precision
     from floss.models import available_models, create_model
-    from floss.text import template_embeddings
 
     if args.model not in available_models():
         raise ValueError(f"--model: unknown model {args.model!r}; available: {', '.join(available_models())}")
+    if args.workers < 0:
+        raise ValueError(f"--workers: expected a non-negative integer, received {args.workers}")
+    precision = resolve_precision(args.model, args.precision, device)
+    if args.pretrained == "none":
+        torch.manual_seed(0)      # random weights must be identical across ranks and resumed runs
+    kwargs = {"precision": precision} if precision != "fp32" else {}
+    return create_model(args.model, backbone=args.backbone, pretrained=args.pretrained,
+                        checkpoint=args.checkpoint, device=device, **kwargs)
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    from floss import distributed
+    from floss.classes import CLASS_NAMES, MODELS as NAMED_MODELS, query_names
+    from floss.datasets import open_dataset, resolve_name
+    from floss.extraction import cache_fingerprint, extract_split, text_embeddings
+
     dataset = resolve_name(args.dataset)
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit: expected a positive integer, received {args.limit}")
     ctx = distributed.context()
     ds = open_dataset(dataset, args.data_root, args.split)          # checks the layout before any model work
     ids = sorted(ds.ids)[:args.limit] if args.limit else sorted(ds.ids)
-    mine = distributed.shard(ids, ctx)
     device = distributed.device_for(args.device, ctx)
-    if args.pretrained == "none":
-        torch.manual_seed(0)      # random weights must be identical across ranks and resumed runs
-    model = create_model(args.model, backbone=args.backbone, pretrained=args.pretrained,
-                         checkpoint=args.checkpoint, device=device)
+    model = load_model(args, device)
     settings = model.protocol_settings(dataset, args.protocol)     # a plug-in model brings its own
     queries, q2c = query_names(dataset, args.model if args.model in NAMED_MODELS else None)
-    text = template_embeddings(model.encode_text, queries, device="cpu")
+    text = text_embeddings(model, queries, cache_dir=args.text_cache)
     meta = {"model": args.model, "dataset": dataset, "split": args.split, "class_names": list(CLASS_NAMES[dataset]),
             "query_names": queries, "query_to_class": q2c, "settings": settings.to_dict()}
-    fingerprint = {
-        "model": args.model, "backbone": getattr(model, "backbone", args.backbone),
-        "weights": _weights_id(args.pretrained, getattr(model, "pretrained", None)),
-        "checkpoint": f"sha256:{file_sha256(args.checkpoint)}" if args.checkpoint else None,
-        "settings": settings.to_dict(), "dataset": dataset, "split": args.split, "limit": args.limit,
-        "floss_version": floss_version(), "dtype": args.dtype}
-    dtype = torch.float16 if args.dtype == "fp16" else torch.float32
+    fingerprint = cache_fingerprint(model, args.model, dataset, args.split, settings, dtype=args.dtype,
+                                    limit=args.limit, pretrained=args.pretrained, checkpoint=args.checkpoint)
     distributed.init_process_group(ctx)
-    with CacheWriter(args.out, meta, fingerprint, text, rank=ctx.rank, world_size=ctx.world_size,
-                     images_per_shard=args.images_per_shard, dtype=dtype) as writer:
-        todo = [i for i in mine if i not in writer.done_ids]
-        logger.info("rank %d/%d: %d of %d images to extract into %s", ctx.rank, ctx.world_size, len(todo),
-                    len(mine), args.out)
-        for sample in tqdm(ds.subset(todo), total=len(todo), desc=f"extract[{ctx.rank}]", disable=None):
-            f = model.extract(sample.image, settings)
-            label = None if sample.label is None else torch.from_numpy(sample.label)
-            writer.add(ImageRecord(sample.id, f.feats, torch.as_tensor(f.boxes), f.resized_size, f.orig_size, label))
+    extract_split(model, ds, args.out, ids=distributed.shard(ids, ctx), settings=settings, text=text, meta=meta,
+                  fingerprint=fingerprint, dtype=torch.float16 if args.dtype == "fp16" else torch.float32,
+                  rank=ctx.rank, world_size=ctx.world_size, images_per_shard=args.images_per_shard,
+                  workers=args.workers)
     distributed.barrier()
     if ctx.is_main:
         from floss.cache import FeatureCache

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from floss.cache import FeatureCache
 from floss.fusion import SOURCE_FALLBACK, fuse
 from floss.protocol import classify, evaluate_cache, merge_queries
-from floss.rankings import mixed_experts, oracle_experts, ranking_key
+from floss.rankings import mixed_experts, oracle_experts, select_experts
 from floss.text import averaged_classifier, expand_experts_to_queries, expert_classifiers
 
 logger = logging.getLogger(__name__)
@@ -56,24 +56,13 @@ def load_stats(root, model: str, dataset: str):
 
 def lenient_experts(rankings: Mapping, n: int = 4, metric: str = "entropy",
                     class_names: Sequence[str] | None = None) -> tuple[list[list[int]], list[str]]:
-    """Top-``n`` valid templates per class, tolerating classes that few images leave with < ``n`` valid ones.
+    """:func:`floss.rankings.select_experts` (the authors' rule for classes with fewer than ``n`` valid templates)
+    and the names of those classes (the low-data experiment reports how many tiny subsets leave)."""
+    from floss.rankings import valid_templates
 
-    A class with 1..n-1 valid templates keeps those; a class no template ever predicted gets all 80 templates,
-    i.e. its expert is the averaged classifier (what the authors' MaskCLIP inferencer does when the filtered
-    list is empty). Used by the low-data experiment, where tiny subsets make such classes common. Returns the
-    experts and the names of the classes that had fewer than ``n`` valid templates.
-    """
-    key = ranking_key(metric)
-    classes = rankings["classes"]
-    names = list(class_names) if class_names is not None else list(classes)
-    experts, short = [], []
-    for name in names:
-        entries = classes[name][key]
-        valid = [int(e["template_id"]) for e in entries if e["pixel_percentage"] > 0.0]
-        if len(valid) < n:
-            short.append(name)
-        experts.append(valid[:n] if valid else sorted(int(e["template_id"]) for e in entries))
-    return experts, short
+    names = list(class_names) if class_names is not None else list(rankings["classes"])
+    short = [name for name, v in zip(names, valid_templates(rankings, metric, class_names)) if len(v) < n]
+    return select_experts(rankings, n=n, metric=metric, class_names=class_names), short
 
 
 def evaluate_experts(val_cache: FeatureCache, experts: Sequence[Sequence[int]], fusion: str = "highest",

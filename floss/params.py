@@ -25,9 +25,10 @@ NUM_TEMPLATES = 80
 _SECTIONS = {
     "authors": {"url", "local", "timeout_s"},
     "transfer": {"models", "datasets"},
-    "extract": {"protocol", "device", "gpus", "dtype", "images_per_shard", "dataset_dirs", "weights"},
+    "extract": {"protocol", "device", "gpus", "precision", "cache_dtype", "workers", "images_per_shard",
+                "dataset_dirs", "weights"},
     "synthetic": {"seed", "feature_dim", "planted_per_class", "images"},
-    "rank": {"metrics", "device"},
+    "rank": {"source", "metrics", "device"},
     "evaluate": {"n_experts", "metric", "fusions", "per_template", "device"},
     "low_data": {"model", "datasets", "sizes", "seeds"},
     "oracle": {"rhos", "seeds", "ns"},
@@ -130,7 +131,9 @@ def validate_params(params: Any, *, check_paths: bool = True) -> dict:
     _choice(ex["protocol"], "extract.protocol", ("authors", "paper"))
     _device(ex["device"], "extract.device")
     _int(ex, "extract.gpus", 1, 64)
-    _choice(ex["dtype"], "extract.dtype", ("fp16", "fp32"))
+    _choice(ex["precision"], "extract.precision", ("auto", "fp32", "fp16"))
+    _choice(ex["cache_dtype"], "extract.cache_dtype", ("fp32", "fp16"))
+    _int(ex, "extract.workers", 0, 64)
     _int(ex, "extract.images_per_shard", 1)
     dirs = ex.get("dataset_dirs", {})
     if not isinstance(dirs, Mapping):
@@ -147,9 +150,6 @@ def validate_params(params: Any, *, check_paths: bool = True) -> dict:
         for k in ("backbone", "pretrained", "checkpoint"):
             if entry[k] is not None and not isinstance(entry[k], str):
                 _fail(f"extract.weights.{m}.{k}", "null or a string", entry[k])
-        if profile == "paper" and check_paths and entry["checkpoint"] and \
-                not paths.from_root(entry["checkpoint"]).is_file():
-            _fail(f"extract.weights.{m}.checkpoint", "an existing file", str(paths.from_root(entry["checkpoint"])))
 
     s = _section(params, "synthetic")
     _int(s, "synthetic.seed", 0)
@@ -168,6 +168,7 @@ def validate_params(params: Any, *, check_paths: bool = True) -> dict:
             _int(entry, f"synthetic.images.{d}.{sp}", 1)
 
     r = _section(params, "rank")
+    _choice(r["source"], "rank.source", ("images", "cache"))
     _names(r["metrics"], "rank.metrics", METRICS)
     _device(r["device"], "rank.device")
     ev = _section(params, "evaluate")
@@ -178,7 +179,90 @@ def validate_params(params: Any, *, check_paths: bool = True) -> dict:
         _fail("evaluate.per_template", "true or false", ev["per_template"])
     _device(ev["device"], "evaluate.device")
     _validate_notebooks(params, models)
+    if profile == "paper" and check_paths:
+        check_paper_inputs(params)
     return dict(params)
+
+
+def _weights_problem(model: str, entry: Mapping) -> tuple[str, str] | None:
+    """(key, message) of the first weights problem of ``model`` that extraction would hit, else None.
+
+    Imports open_clip (paper profile only): the backbone must be an open_clip name or an existing config
+    .json, a pretrained tag must belong to it with the same activation (QuickGELU for OpenAI weights) and be in
+    the local cache, a weight file must exist, and CLIP-DINOiser needs its head checkpoint."""
+    from floss.models.backbone import resolve_backbone, resolve_weights
+
+    key = f"extract.weights.{model}"
+    backbone = entry["backbone"] or ("ViT-B-16-quickgelu" if model.startswith("naclip") else "ViT-B-16")
+    pretrained = entry["pretrained"] or ("openai" if model.startswith("naclip") else "laion2b_s34b_b88k")
+    if backbone.endswith(".json"):
+        backbone = str(paths.from_root(backbone))
+    if os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt")):
+        pretrained = str(paths.from_root(pretrained))
+    try:
+        name = resolve_backbone(backbone)
+    except (ValueError, FileNotFoundError) as err:
+        return f"{key}.backbone", str(err)
+    try:
+        resolve_weights(name, pretrained)
+    except (ValueError, FileNotFoundError) as err:
+        return f"{key}.pretrained", str(err)
+    checkpoint = entry["checkpoint"]
+    if model == "clipdinoiser" and not checkpoint and pretrained != "none":
+        return f"{key}.checkpoint", ("CLIP-DINOiser needs its head weights: the authors' "
+                                     "checkpoints/clip_dinoiser/model_weights.pth or the original last.pt")
+    if checkpoint and not paths.from_root(checkpoint).is_file():
+        return f"{key}.checkpoint", f"{paths.from_root(checkpoint)} does not exist"
+    if checkpoint and model != "clipdinoiser":
+        return f"{key}.checkpoint", f"only clipdinoiser takes a head checkpoint, {model} received {checkpoint!r}"
+    return None
+
+
+def dataset_folder(params: Mapping, dataset: str) -> Path:
+    """``data_root / (extract.dataset_dirs[dataset] or the dataset's usual folder name)``."""
+    from floss.datasets import get_layout
+
+    folder = params["extract"].get("dataset_dirs", {}).get(dataset) or get_layout(dataset).root_hint
+    return paths.from_root(params["data_root"]) / folder
+
+
+def needed_splits(params: Mapping) -> dict[str, set[str]]:
+    """dataset -> the splits the paper profile reads from disk (train for ranking, val for evaluation)."""
+    need: dict[str, set[str]] = {}
+    for datasets in params["models"].values():
+        for d in datasets:
+            need.setdefault(d, set()).update(("train", "val"))
+    for d in params["transfer"]["datasets"] if params["transfer"]["models"] else ():
+        need.setdefault(d, set()).add("val")
+    return need
+
+
+def check_paper_inputs(params: Mapping) -> None:
+    """Refuse early what extraction would refuse late: weights (backbone/pretrained pairing, missing files or
+    uncached tags, the CLIP-DINOiser head) and dataset folders and split folders/files. Cheap: folders are
+    checked, files are not listed (the extract stage checks every image/label pair when it opens a split)."""
+    from floss.datasets import get_layout
+
+    for m in params["models"]:
+        problem = _weights_problem(m, params["extract"]["weights"][m])
+        if problem:
+            raise ParamsError(f"params.yaml: {problem[0]}: {problem[1]}")
+    for d, splits in sorted(needed_splits(params).items()):
+        layout = get_layout(d)
+        root = dataset_folder(params, d)
+        key = f"extract.dataset_dirs.{d}" if d in params["extract"].get("dataset_dirs", {}) else "data_root"
+        if not root.is_dir():
+            raise ParamsError(f"params.yaml: {key}: expected the {d} dataset folder {root} ({layout.description}; "
+                              f"set extract.dataset_dirs.{d} if it lives elsewhere), which does not exist")
+        for split in sorted(splits):
+            if split not in layout.splits:
+                raise ParamsError(f"params.yaml: models: {d} has no {split!r} split (splits: {list(layout.splits)})")
+            dirs = layout.splits[split]
+            for what, rel in (("image folder", dirs.img_dir), ("label folder", dirs.label_dir),
+                              ("split file", dirs.split_file)):
+                if rel and not (root / rel).exists():
+                    raise ParamsError(f"params.yaml: {key}: {d} split {split!r}: the {what} {root / rel} does not "
+                                      f"exist (expected {layout.expected_files(split)}; {layout.conversion})")
 
 
 def _validate_notebooks(params: Mapping, models: Mapping) -> None:

@@ -35,21 +35,26 @@ from floss.params import ParamsError, load_params, validate_params  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
-NUM_TEMPLATES = 80
-
 #: notebook -> {papermill parameter: params.yaml key}; dvc.yaml lists exactly these keys per notebook stage
 NOTEBOOK_PARAMS: dict[str, dict[str, str]] = {
-    "tab1_main_results": {}, "tab2_expert_quality": {}, "tab4_fusion": {}, "tab5_backbones": {},
-    "tab3_transfer": {"models": "transfer.models", "transfer_datasets": "transfer.datasets"},
-    "fig1_single_templates": {}, "fig6_best_experts": {}, "fig7_improvement": {}, "fig10_expert_quality": {},
-    "fig12_entropy_iou": {},
+    "tab1_main_results": {"matrix": "models"},
+    "tab2_expert_quality": {"matrix": "models", "per_template": "evaluate.per_template"},
+    "tab4_fusion": {"matrix": "models", "evaluated_fusions": "evaluate.fusions"},
+    "tab5_backbones": {"matrix": "models"},
+    "tab3_transfer": {"matrix": "models", "transfer": "transfer"},
+    "fig1_single_templates": {"matrix": "models", "per_template": "evaluate.per_template"},
+    "fig6_best_experts": {"matrix": "models", "per_template": "evaluate.per_template"},
+    "fig7_improvement": {"matrix": "models"},
+    "fig10_expert_quality": {"matrix": "models", "per_template": "evaluate.per_template"},
+    "fig12_entropy_iou": {"matrix": "models", "per_template": "evaluate.per_template"},
     "fig3_low_data": {"model": "low_data.model", "datasets": "low_data.datasets", "sizes": "low_data.sizes",
                       "seeds": "low_data.seeds", "metric": "evaluate.metric", "n": "evaluate.n_experts"},
-    "fig4_metrics_topn": {"metrics": "rank.metrics", "ns": "topn", "n": "evaluate.n_experts"},
-    "fig5_oracle": {"rhos": "oracle.rhos", "seeds": "oracle.seeds", "oracle_ns": "oracle.ns",
-                    "n": "evaluate.n_experts"},
-    "qualitative": {"num_images": "qualitative.num_images", "data_root": "data_root"},
-    "authors_vs_ours": {"n": "evaluate.n_experts"},
+    "fig4_metrics_topn": {"matrix": "models", "per_template": "evaluate.per_template", "metrics": "rank.metrics",
+                          "ns": "topn", "n": "evaluate.n_experts"},
+    "fig5_oracle": {"matrix": "models", "per_template": "evaluate.per_template", "rhos": "oracle.rhos",
+                    "seeds": "oracle.seeds", "oracle_ns": "oracle.ns", "n": "evaluate.n_experts"},
+    "qualitative": {"matrix": "models", "num_images": "qualitative.num_images", "data_root": "data_root"},
+    "authors_vs_ours": {"matrix": "models", "n": "evaluate.n_experts"},
 }
 
 
@@ -70,10 +75,17 @@ def cache_dir(model: str, dataset: str, split: str) -> Path:
     return paths.DATA / "features" / model / dataset / split
 
 
+def ranks_from_cache(params: Mapping) -> bool:
+    """Whether the rank stage reads train feature caches (the demo's synthetic source, or ``rank.source: cache``)
+    rather than the train images themselves (the paper profile's default: no train cache is written)."""
+    return params["profile"] == "demo" or params["rank"]["source"] == "cache"
+
+
 def _caches_of(params: Mapping, model: str) -> list[tuple[str, str]]:
-    """Every (dataset, split) the extract stage writes for ``model``: train+val of its datasets, val of the
-    transfer sets when the model is in ``transfer.models``."""
-    out = [(d, s) for d in params["models"][model] for s in ("train", "val")]
+    """Every (dataset, split) the extract stage writes for ``model``: val (and train when ranking from caches) of
+    its datasets, val of the transfer sets when the model is in ``transfer.models``."""
+    splits = ("train", "val") if ranks_from_cache(params) else ("val",)
+    out = [(d, s) for d in params["models"][model] for s in splits]
     if model in params["transfer"]["models"]:
         out += [(d, "val") for d in params["transfer"]["datasets"]]
     return out
@@ -90,12 +102,12 @@ def _select(items: list, dataset: str | None, split: str | None = None) -> list:
 # ------------------------------------------------------------------------------------------------ stages
 def stage_extract(params: Mapping, model: str, dataset: str | None = None, split: str | None = None) -> None:
     """Write the feature caches of ``model`` (all its (dataset, split) pairs, or the one asked)."""
-    for d, s in _select(_caches_of(params, model), dataset, split):
-        out = cache_dir(model, d, s)
-        if params["profile"] == "demo":
-            _extract_synthetic(params, model, d, s, out)
-        else:
-            _extract_real(params, model, d, s, out)
+    todo = _select(_caches_of(params, model), dataset, split)
+    if params["profile"] == "demo":
+        for d, s in todo:
+            _extract_synthetic(params, model, d, s, cache_dir(model, d, s))
+    else:
+        _extract_real(params, model, todo, dataset, split)
 
 
 def _extract_synthetic(params: Mapping, model: str, dataset: str, split: str, out: Path) -> None:
@@ -120,32 +132,94 @@ def _extract_synthetic(params: Mapping, model: str, dataset: str, split: str, ou
             raise
 
 
-def extract_command(params: Mapping, model: str, dataset: str, split: str, out: Path) -> list[str]:
-    """The ``floss extract`` command line of the paper profile (torchrun when ``extract.gpus > 1``)."""
-    from floss.datasets import get_layout
+def base_model(model: str) -> str:
+    """The registered model behind a matrix key (``naclip_vitl14`` is NACLIP with other weights)."""
+    return "naclip" if model.startswith("naclip") else model
+
+
+def torchrun_command(params: Mapping, argv: list[str]) -> list[str] | None:
+    """``torchrun --standalone --nproc_per_node=gpus -m floss.pipeline <argv>`` when ``extract.gpus > 1`` and this
+    process is not already a torchrun rank; else None (run in this process)."""
+    gpus = params["extract"]["gpus"]
+    if gpus <= 1 or "WORLD_SIZE" in os.environ:
+        return None
+    return [shutil.which("torchrun") or "torchrun", "--standalone", f"--nproc_per_node={gpus}", "-m",
+            "floss.pipeline", *argv]
+
+
+def load_pipeline_model(params: Mapping, model: str, device):
+    """The model of matrix key ``model`` with its ``extract.weights`` entry and ``extract.precision`` on ``device``
+    (paths in the entry are relative to the repository root)."""
+    from floss.extraction import resolve_precision
+    from floss.models import create_model
 
     ex = params["extract"]
-    weights = ex["weights"][model]
-    folder = ex["dataset_dirs"].get(dataset) or get_layout(dataset).root_hint
-    base_model = "naclip" if model.startswith("naclip") else model
-    cmd = ["-m", "floss", "extract", "--model", base_model, "--dataset", dataset, "--split", split,
-           "--data-root", str(paths.from_root(params["data_root"]) / folder), "--out", str(out),
-           "--protocol", ex["protocol"], "--dtype", ex["dtype"], "--images-per-shard", str(ex["images_per_shard"])]
-    for key in ("backbone", "pretrained", "checkpoint"):
-        if weights.get(key):
-            value = str(paths.from_root(weights[key])) if key == "checkpoint" else str(weights[key])
-            cmd += [f"--{key}", value]
-    if ex["device"] != "auto":
-        cmd += ["--device", ex["device"]]
-    if ex["gpus"] > 1:
-        return [shutil.which("torchrun") or "torchrun", "--standalone", f"--nproc_per_node={ex['gpus']}"] + cmd
-    return [sys.executable] + cmd
+    w = ex["weights"][model]
+    as_path = lambda v: str(paths.from_root(v)) if v and (v.endswith(".json") or os.sep in v or  # noqa: E731
+                                                             Path(v).suffix in (".pt", ".pth", ".bin", ".safetensors")) else v
+    precision = resolve_precision(base_model(model), ex["precision"], device)
+    kwargs = {"precision": precision} if precision != "fp32" else {}
+    return create_model(base_model(model), backbone=as_path(w["backbone"]), pretrained=as_path(w["pretrained"]),
+                        checkpoint=str(paths.from_root(w["checkpoint"])) if w["checkpoint"] else None, device=device,
+                        **kwargs)
 
 
-def _extract_real(params: Mapping, model: str, dataset: str, split: str, out: Path) -> None:
-    cmd = extract_command(params, model, dataset, split, out)
-    logger.info("running %s", shlex.join(cmd))
-    subprocess.run(cmd, check=True, cwd=paths.ROOT)
+def _text_cache() -> Path:
+    return paths.DATA / "text"
+
+
+def _extract_real(params: Mapping, model: str, todo: list[tuple[str, str]], dataset: str | None,
+                  split: str | None) -> None:
+    """The paper profile: one process (or one torchrun rank per GPU) loads the model once and extracts every
+    (dataset, split) of ``todo``; the text embeddings of a dataset are computed once for all its splits."""
+    import torch
+
+    from floss import distributed
+    from floss.cache import FeatureCache
+    from floss.classes import CLASS_NAMES, query_names
+    from floss.datasets import open_dataset
+    from floss.extraction import cache_fingerprint, extract_split, text_embeddings
+    from floss.params import dataset_folder
+
+    argv = ["stage", "extract", "--model", model] + (["--dataset", dataset] if dataset else []) + \
+        (["--split", split] if split else [])
+    cmd = torchrun_command(params, argv)
+    if cmd is not None:
+        logger.info("running %s", shlex.join(cmd))
+        subprocess.run(cmd, check=True, cwd=paths.ROOT)
+        return
+    ex = params["extract"]
+    ctx = distributed.context()
+    device = distributed.device_for(_device(ex["device"]), ctx)
+    net = load_pipeline_model(params, model, device)
+    distributed.init_process_group(ctx)
+    by_dataset: dict[str, list[str]] = {}
+    for d, s in todo:
+        by_dataset.setdefault(d, []).append(s)
+    for d, splits in by_dataset.items():
+        settings = net.protocol_settings(d, ex["protocol"])
+        queries, q2c = query_names(d, base_model(model))
+        text = text_embeddings(net, queries, cache_dir=_text_cache())
+        for s in splits:
+            ds = open_dataset(d, dataset_folder(params, d), s)
+            meta = {"model": model, "dataset": d, "split": s, "class_names": list(CLASS_NAMES[d]),
+                    "query_names": queries, "query_to_class": q2c, "settings": settings.to_dict()}
+            w = ex["weights"][model]
+            fingerprint = cache_fingerprint(net, model, d, s, settings, dtype=ex["cache_dtype"],
+                                            pretrained=w["pretrained"], checkpoint=load_checkpoint_path(w))
+            out = cache_dir(model, d, s)
+            extract_split(net, ds, out, ids=distributed.shard(sorted(ds.ids), ctx), settings=settings, text=text,
+                          meta=meta, fingerprint=fingerprint, rank=ctx.rank, world_size=ctx.world_size,
+                          dtype=torch.float16 if ex["cache_dtype"] == "fp16" else torch.float32,
+                          images_per_shard=ex["images_per_shard"], workers=ex["workers"])
+            distributed.barrier()
+            if ctx.is_main:
+                FeatureCache(out)            # merges the ranks' partial manifests
+    distributed.shutdown()
+
+
+def load_checkpoint_path(weights: Mapping) -> str | None:
+    return str(paths.from_root(weights["checkpoint"])) if weights["checkpoint"] else None
 
 
 def rankings_path(model: str, dataset: str) -> Path:
@@ -153,22 +227,31 @@ def rankings_path(model: str, dataset: str) -> Path:
 
 
 def stage_rank(params: Mapping, model: str, dataset: str | None = None) -> None:
-    """Rank the 80 templates on the train caches: rankings JSON (authors' schema, one per metric; entropy
-    keeps the authors' file name) and the TemplateStats (results/stats; with per-image records for the
-    ``low_data`` pairs)."""
-    from floss.cache import FeatureCache
+    """Rank the 80 templates on the train split: rankings JSON (authors' schema, one per metric; entropy keeps the
+    authors' file name) and the TemplateStats (results/stats; with per-image records for the ``low_data``
+    pairs). From the train caches (demo, ``rank.source: cache``) or straight from the train images."""
     from floss.classes import ranking_keys
     from floss.protocol import rank_cache
     from floss.rankings import save_rankings
 
     metrics = params["rank"]["metrics"]
     low = params.get("low_data", {})
-    for d, _ in _select([(d, "train") for d in params["models"][model]], dataset):
-        cache = FeatureCache(cache_dir(model, d, "train"))
-        # per-image records double the cost: only for the pairs of the low-data analysis (Fig. 3)
-        track = model == low.get("model") and d in low.get("datasets", ())
-        st = rank_cache(cache, metrics=metrics, track_images=track, device=_device(params["rank"]["device"]))
-        keys = ranking_keys(d, "naclip" if model.startswith("naclip") else model)
+    datasets = [d for d, _ in _select([(d, "train") for d in params["models"][model]], dataset)]
+    if ranks_from_cache(params):
+        from floss.cache import FeatureCache
+        stats = {}
+        for d in datasets:
+            cache = FeatureCache(cache_dir(model, d, "train"))
+            # per-image records double the cost: only for the pairs of the low-data analysis (Fig. 3)
+            track = model == low.get("model") and d in low.get("datasets", ())
+            stats[d] = rank_cache(cache, metrics=metrics, track_images=track,
+                                  device=_device(params["rank"]["device"]))
+    else:
+        stats = _rank_from_images(params, model, datasets, dataset)
+        if stats is None:        # a torchrun rank other than 0: rank 0 writes the results
+            return
+    for d, st in stats.items():
+        keys = ranking_keys(d, base_model(model))
         for metric in metrics:
             path = rankings_path(model, d)
             if metric != "entropy":
@@ -177,35 +260,69 @@ def stage_rank(params: Mapping, model: str, dataset: str | None = None) -> None:
         stats_path = paths.ROOT / "results" / "stats" / model / f"{d}.safetensors"
         stats_path.parent.mkdir(parents=True, exist_ok=True)      # DVC deletes outs before the stage runs
         st.save(stats_path)
-        logger.info("ranked %s/%s on %d train images", model, d, len(cache))
+        logger.info("ranked %s/%s on %d train images", model, d, st.num_images)
+
+
+def _rank_from_images(params: Mapping, model: str, datasets: list[str], dataset: str | None):
+    """Cache-free ranking of ``datasets``' train splits (floss.extraction.rank_images), resumable: each rank keeps
+    a checkpoint under ``data/rank_state/<model>/`` (outside DVC's outputs, which DVC deletes before a run)."""
+    from floss import distributed
+    from floss.classes import query_names
+    from floss.datasets import open_dataset
+    from floss.extraction import cache_fingerprint, rank_images, text_embeddings
+    from floss.params import dataset_folder
+    from floss.stats import TemplateStats
+
+    cmd = torchrun_command(params, ["stage", "rank", "--model", model] + (["--dataset", dataset] if dataset else []))
+    if cmd is not None:            # every rank runs this stage; rank 0 writes the results
+        logger.info("running %s", shlex.join(cmd))
+        subprocess.run(cmd, check=True, cwd=paths.ROOT)
+        return None
+    ex, low = params["extract"], params.get("low_data", {})
+    ctx = distributed.context()
+    device = distributed.device_for(_device(params["rank"]["device"]), ctx)
+    net = load_pipeline_model(params, model, device)
+    distributed.init_process_group(ctx)
+    out = {}
+    for d in datasets:
+        settings = net.protocol_settings(d, ex["protocol"])
+        queries, q2c = query_names(d, base_model(model))
+        text = text_embeddings(net, queries, cache_dir=_text_cache())
+        ds = open_dataset(d, dataset_folder(params, d), "train", labels=False)
+        w = ex["weights"][model]
+        fingerprint = {**cache_fingerprint(net, model, d, "train", settings, dtype="none", pretrained=w["pretrained"],
+                                           checkpoint=load_checkpoint_path(w)),
+                       "metrics": list(params["rank"]["metrics"]), "world_size": ctx.world_size}
+        track = model == low.get("model") and d in low.get("datasets", ())
+        state = _rank_state(model, d, ctx.rank)
+        st = rank_images(net, ds, distributed.shard(sorted(ds.ids), ctx), settings, text, q2c,
+                         metrics=params["rank"]["metrics"], track_images=track, state=state,
+                         fingerprint=fingerprint, workers=ex["workers"], restart_stale=True)
+        distributed.barrier()
+        if ctx.is_main:
+            for r in range(1, ctx.world_size):
+                st = st.merge(TemplateStats.load(_rank_state(model, d, r), device=st.device))
+            out[d] = st
+    distributed.shutdown()
+    return out if ctx.is_main else None
+
+
+def _rank_state(model: str, dataset: str, rank: int) -> Path:
+    return paths.DATA / "rank_state" / model / f"{dataset}.rank{rank}.safetensors"
 
 
 def _experts(params: Mapping, model: str, dataset: str) -> list[list[int]]:
-    """Top-N experts per class as the authors' code selects them (protocol §1.5, §3.8): the first N templates
-    with ``pixel_percentage > 0``; a class with fewer keeps those, and one with none uses all 80 templates
-    (their MaskCLIP/CLIP-DINOiser rule). Tiny train sets (the demo's ADE20K) reach these cases; each is logged."""
+    """Top-N experts per class of ``model``'s rankings on ``dataset`` (:func:`floss.rankings.select_experts`, the
+    authors' rule for classes with fewer than N valid templates)."""
     from floss.classes import ranking_keys
-    from floss.rankings import load_rankings, ranking_key, validate_rankings
+    from floss.rankings import load_rankings, select_experts
 
     ev = params["evaluate"]
-    n, metric = ev["n_experts"], ev["metric"]
     path = rankings_path(model, dataset)
-    if metric != "entropy":
-        path = path.with_name(f"template_rankings_{model}_{dataset}.{metric}.json")
-    keys = ranking_keys(dataset, "naclip" if model.startswith("naclip") else model)
-    rankings = load_rankings(path)
-    validate_rankings(rankings, class_names=keys, metric=metric)
-    experts, short = [], []
-    for name in keys:
-        valid = [it["template_id"] for it in rankings["classes"][name][ranking_key(metric)]
-                 if it["pixel_percentage"] > 0.0]
-        if len(valid) < n:
-            short.append(f"{name} ({len(valid)})")
-        experts.append(valid[:n] if valid else list(range(NUM_TEMPLATES)))
-    if short:
-        logger.warning("%s/%s: %d classes have fewer than %d valid templates (no valid one: all %d templates): %s",
-                       model, dataset, len(short), n, NUM_TEMPLATES, ", ".join(short[:10]))
-    return experts
+    if ev["metric"] != "entropy":
+        path = path.with_name(f"template_rankings_{model}_{dataset}.{ev['metric']}.json")
+    return select_experts(load_rankings(path), n=ev["n_experts"], metric=ev["metric"],
+                          class_names=ranking_keys(dataset, base_model(model)))
 
 
 def _evaluate_into(params: Mapping, model: str, cache_path: Path, experts, out: Path, per_template: bool) -> None:
@@ -234,13 +351,16 @@ def stage_evaluate(params: Mapping, model: str, dataset: str | None = None) -> N
 
 
 def stage_transfer(params: Mapping, model: str | None = None) -> None:
-    """Table 3: the Cityscapes experts of each transfer model on the driving sets -> results/transfer/."""
+    """Table 3: the Cityscapes experts of each transfer model on the driving sets -> results/transfer/, plus
+    ``results/transfer/index.json`` (what was run; the folder exists even when ``transfer`` is empty)."""
     models = params["transfer"]["models"] if model is None else [model]
+    datasets = params["transfer"]["datasets"] if models else []
     for m in models:
         experts = _experts(params, m, "cityscapes")
-        for d in params["transfer"]["datasets"]:
+        for d in datasets:
             _evaluate_into(params, m, cache_dir(m, d, "val"), experts,
                            paths.ROOT / "results" / "transfer" / m / f"{d}.json", per_template=False)
+    atomic_write_json(paths.ROOT / "results" / "transfer" / "index.json", {"models": models, "datasets": datasets})
 
 
 def stage_metrics(params: Mapping) -> Path:
@@ -259,20 +379,27 @@ def stage_metrics(params: Mapping) -> Path:
     return target
 
 
-def stage_authors(params: Mapping) -> Path:
-    from floss.authors import fetch_authors
+def stage_authors(params: Mapping) -> dict:
+    """``data/authors``: the authors' files (local folder, else the pinned URL) and ``status.json``; an
+    unavailable source is recorded, never an error (floss.authors.obtain_authors)."""
+    from floss.authors import obtain_authors
 
     a = params["authors"]
     local = paths.from_root(a["local"]) if a["local"] else None
-    return fetch_authors(paths.DATA / "authors", url=a["url"], local=local, timeout=a["timeout_s"])
+    return obtain_authors(paths.DATA / "authors", url=a["url"], local=local, timeout=a["timeout_s"])
 
 
-def notebook_command(params: Mapping, name: str) -> str:
-    """The shell pipeline of a notebook stage: jupytext -> papermill with the notebook's parameters."""
+def notebook_parameters(params: Mapping, name: str) -> dict:
+    """The papermill parameters of notebook ``name``, read from ``params`` (NOTEBOOK_PARAMS)."""
     if name not in NOTEBOOK_PARAMS:
         raise ValueError(f"notebook: expected one of {sorted(NOTEBOOK_PARAMS)}, received {name!r}")
     values = {p: _lookup(params, key) for p, key in NOTEBOOK_PARAMS[name].items()}
-    values = {p: ("" if v is None else v) for p, v in values.items()}
+    return {p: ("" if v is None else v) for p, v in values.items()}
+
+
+def notebook_command(params: Mapping, name: str) -> str:
+    """The shell equivalent of a notebook stage (for running one by hand): jupytext -> papermill."""
+    values = notebook_parameters(params, name)
     source = paths.NOTEBOOKS / f"{name}.py"
     out = paths.REPORTS / "notebooks" / f"{name}.ipynb"
     cmd = (f"jupytext --to ipynb -o - {shlex.quote(str(source))} | papermill - {shlex.quote(str(out))} "
@@ -283,15 +410,25 @@ def notebook_command(params: Mapping, name: str) -> str:
 
 
 def run_notebook(params: Mapping, name: str) -> None:
-    cmd = notebook_command(params, name)
+    """Execute ``notebooks/<name>.py`` with papermill (kernel python3, cwd = repository root) in this process:
+    what :func:`notebook_command` does, without two extra interpreter start-ups per notebook."""
+    import jupytext
+    import papermill
+
+    values = notebook_parameters(params, name)
     (paths.REPORTS / "notebooks").mkdir(parents=True, exist_ok=True)
     for folder in (paths.TABLES, paths.FIGURES, paths.METRICS):
         folder.mkdir(parents=True, exist_ok=True)     # DVC deletes outs before a stage runs
-    env = dict(os.environ)
-    if params.get("cpu_threads"):
-        env.update(OMP_NUM_THREADS=str(params["cpu_threads"]), MKL_NUM_THREADS=str(params["cpu_threads"]))
-    logger.info("running %s", cmd)
-    subprocess.run(["bash", "-o", "pipefail", "-c", cmd], check=True, cwd=paths.ROOT, env=env)
+    if params.get("cpu_threads"):     # the kernel inherits them
+        os.environ.update(OMP_NUM_THREADS=str(params["cpu_threads"]), MKL_NUM_THREADS=str(params["cpu_threads"]))
+    logger.info("executing notebooks/%s.py with %s", name, values)
+    out = paths.REPORTS / "notebooks" / f"{name}.ipynb"
+    try:
+        papermill.execute_notebook(jupytext.read(paths.NOTEBOOKS / f"{name}.py"), str(out), parameters=values,
+                                   kernel_name="python3", language="python", log_output=True, progress_bar=False,
+                                   cwd=str(paths.ROOT))
+    except papermill.PapermillExecutionError as err:
+        raise RuntimeError(f"notebook {name}: {err.ename}: {err.evalue} (the executed notebook is {out})") from err
 
 
 def run_demo(targets: list[str] | None = None) -> int:
@@ -357,7 +494,8 @@ def _run_stage(args: argparse.Namespace) -> int:
     elif args.stage == "metrics":
         print(stage_metrics(params))
     else:
-        print(stage_authors(params))
+        status = stage_authors(params)
+        print(f"authors' data: {'available from ' + status['source'] if status['available'] else 'unavailable'}")
     return 0
 
 
@@ -411,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(COMMANDS[args.command][2](args) or 0)
-    except (ParamsError, ValueError, KeyError, OSError, subprocess.CalledProcessError) as err:
+    except (ParamsError, ValueError, KeyError, OSError, subprocess.CalledProcessError, RuntimeError) as err:
         if args.debug:
             raise
         print(f"floss {args.command}: error: {err}", file=sys.stderr)

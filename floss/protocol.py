@@ -241,48 +241,62 @@ def _window_averaged_features(record: ImageRecord, device: torch.device) -> torc
     return F.normalize(out, dim=0)
 
 
-def rank_cache(cache: FeatureCache, metrics: Sequence[str] = ("entropy",), track_images: bool = False,
-               device=None, progress: bool = True, template_chunk: int = 8):
-    """Sufficient statistics of the M single-template classifiers over every cached image (protocol §3).
-
-    Templates are processed ``template_chunk`` at a time (fewer when the maps would exceed the memory budget).
-    ``"window"``: window-averaged probabilities resized to the original size (no re-softmax); with
-    ``window_fp16`` the canvas is fp16 as the authors' compute_metric and ``TemplateStats.update(size=orig)``
-    does the upsampling. ``"final"``: cosines are averaged, resized to the original size, then softmax(logit_scale·),
-    then the synonym max (unnormalised, ``normalized=False``).
-    """
+def new_template_stats(metrics: Sequence[str], num_templates: int, num_classes: int, feature_dim: int,
+                       track_images: bool, device):
+    """The :class:`floss.stats.TemplateStats` that :func:`rank_record` fills."""
     from floss.stats import TemplateStats   # imported here: only ranking needs it
+    return TemplateStats(num_templates, num_classes, metrics=tuple(metrics),
+                         feature_dim=feature_dim if "iti" in metrics else None, track_images=track_images,
+                         device=device)
 
-    device = _device(device)
-    settings = cache.settings
-    text = cache.text.to(device)
-    M, Q, D = text.shape
-    K = cache.num_classes
-    normalized = Q == K
-    st = TemplateStats(M, K, metrics=tuple(metrics), feature_dim=D if "iti" in metrics else None,
-                       track_images=track_images, device=device)
+
+def rank_record(st, record: ImageRecord, text: torch.Tensor, settings, query_to_class: Sequence[int],
+                template_chunk: int = 8) -> None:
+    """Add one image to the statistics ``st`` of the M single-template classifiers (protocol §3).
+
+    ``text`` [M, Q, D] on the device of the computation. ``"window"``: window-averaged probabilities resized to the
+    original size (no re-softmax); with ``window_fp16`` the canvas is fp16 as the authors' compute_metric and
+    ``TemplateStats.update(size=orig)`` does the upsampling. ``"final"``: cosines are averaged, resized to the
+    original size, then softmax(logit_scale·), then the synonym max (unnormalised, ``normalized=False``).
+    """
+    device = text.device
+    M, Q, _ = text.shape
+    K = st.num_classes
+    metrics = st.metrics
     # fp16 window casts (ADE/COCO): the authors' fp16 canvas at the resized size, upsampled by TemplateStats;
     # otherwise the map at the original size directly (the same bilinear resize, cheapest path chosen per image)
     fp16_canvas = settings.softmax_stage == "window" and settings.window_fp16
+    feats = _window_averaged_features(record, device) if "iti" in metrics else None
+    out = "resized" if fp16_canvas else "orig"
+    H, W = record.resized_size if fp16_canvas else record.orig_size
+    chunk = max(1, min(template_chunk, MAX_BAND_ELEMENTS // max(1, Q * H * W)))
+    for start in range(0, M, chunk):
+        ids = list(range(start, min(start + chunk, M)))
+        if fp16_canvas:
+            renderer = _Renderer(record, out, device)
+            maps = window_scores(record, text[ids], settings, softmax=True, device=device)
+            maps = maps.reshape(maps.shape[0], -1, *maps.shape[3:])
+            probs = torch.cat([renderer.render(maps, band, window_fp16=True, canvas_dtype=torch.float16)
+                               for band in renderer.bands(maps.shape[1])], dim=1)
+            probs = probs.reshape(len(ids), Q, H, W)
+        else:
+            probs = classify(record, text[ids], settings, out=out, device=device)
+        probs = merge_queries(probs, query_to_class, K)
+        st.update(probs, size=tuple(record.orig_size) if fp16_canvas else None, templates=ids, features=feats,
+                  image_id=record.id if st.track_images else None, normalized=Q == K)
+
+
+def rank_cache(cache: FeatureCache, metrics: Sequence[str] = ("entropy",), track_images: bool = False,
+               device=None, progress: bool = True, template_chunk: int = 8):
+    """Sufficient statistics of the M single-template classifiers over every cached image (protocol §3);
+    see :func:`rank_record`. Templates are processed ``template_chunk`` at a time (fewer when the maps would
+    exceed the memory budget)."""
+    device = _device(device)
+    text = cache.text.to(device)
+    st = new_template_stats(metrics, text.shape[0], cache.num_classes, text.shape[2], track_images, device)
+    settings = cache.settings
     for record in tqdm(cache, desc="rank", disable=None if progress else True):
-        feats = _window_averaged_features(record, device) if "iti" in metrics else None
-        out = "resized" if fp16_canvas else "orig"
-        H, W = record.resized_size if fp16_canvas else record.orig_size
-        chunk = max(1, min(template_chunk, MAX_BAND_ELEMENTS // max(1, Q * H * W)))
-        for start in range(0, M, chunk):
-            ids = list(range(start, min(start + chunk, M)))
-            if fp16_canvas:
-                renderer = _Renderer(record, out, device)
-                maps = window_scores(record, text[ids], settings, softmax=True, device=device)
-                maps = maps.reshape(maps.shape[0], -1, *maps.shape[3:])
-                probs = torch.cat([renderer.render(maps, band, window_fp16=True, canvas_dtype=torch.float16)
-                                   for band in renderer.bands(maps.shape[1])], dim=1)
-                probs = probs.reshape(len(ids), Q, H, W)
-            else:
-                probs = classify(record, text[ids], settings, out=out, device=device)
-            probs = merge_queries(probs, cache.query_to_class, K)
-            st.update(probs, size=tuple(record.orig_size) if fp16_canvas else None, templates=ids, features=feats,
-                      image_id=record.id if track_images else None, normalized=normalized)
+        rank_record(st, record, text, settings, cache.query_to_class, template_chunk)
     return st
 
 

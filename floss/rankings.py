@@ -80,9 +80,9 @@ def validate_rankings(rankings: Mapping, class_names: Sequence[str] | None = Non
     if not isinstance(rankings, Mapping) or not isinstance(rankings.get("classes"), Mapping):
         raise ValueError("rankings: expected a dict with a 'classes' dict (authors' schema), received "
                          f"{type(rankings).__name__} with keys {list(rankings)[:5] if isinstance(rankings, Mapping) else '-'}")
-    for field in ("model", "dataset", "split"):
-        if field in rankings and not isinstance(rankings[field], str):
-            raise ValueError(f"rankings[{field!r}]: expected a str, received {rankings[field]!r}")
+    for field in ("model", "dataset", "split"):     # optional descriptors (None: not given)
+        if rankings.get(field) is not None and not isinstance(rankings[field], str):
+            raise ValueError(f"rankings[{field!r}]: expected a str or None, received {rankings[field]!r}")
     classes = rankings["classes"]
     if not classes:
         raise ValueError("rankings['classes']: expected at least one class, received none")
@@ -129,28 +129,48 @@ def _check_n(n) -> int:
     return int(n)
 
 
-def select_experts(rankings: Mapping, n: int = 4, metric: str = "entropy",
-                   class_names: Sequence[str] | None = None) -> list[list[int]]:
-    """Top-``n`` templates per class (Eq. 6 as implemented, protocol §3.8).
+#: how :func:`select_experts` treats a class with fewer than ``n`` valid templates
+FEWER_RULES = ("authors", "error")
 
-    Keeps the stored order (best first), drops entries with ``pixel_percentage == 0`` (never-predicting
-    templates) and takes the first ``n``. Returns one list per class, in the JSON's class order, or in
-    ``class_names`` order when given. A class with fewer than ``n`` valid templates raises (the authors'
-    MaskCLIP would silently use all 80 templates, NACLIP would crash; neither occurs with the shipped files).
-    """
-    n = _check_n(n)
+
+def valid_templates(rankings: Mapping, metric: str = "entropy",
+                    class_names: Sequence[str] | None = None) -> list[list[int]]:
+    """Per class (JSON order, or ``class_names`` order), the template ids with ``pixel_percentage > 0``, best
+    first: the templates that predict the class somewhere ("valid", protocol §3.6)."""
     validate_rankings(rankings, class_names=class_names, metric=metric)
     key = ranking_key(metric)
     classes = rankings["classes"]
     order = list(class_names) if class_names is not None else list(classes)
-    experts = []
-    for name in order:
-        valid = [item["template_id"] for item in classes[name][key] if item["pixel_percentage"] > 0.0]
-        if len(valid) < n:
-            raise ValueError(f"rankings: class {name!r} has only {len(valid)} valid templates "
-                             f"(pixel_percentage > 0), fewer than n={n}")
-        experts.append(valid[:n])
-    return experts
+    return [[item["template_id"] for item in classes[name][key] if item["pixel_percentage"] > 0.0] for name in order]
+
+
+def select_experts(rankings: Mapping, n: int = 4, metric: str = "entropy",
+                   class_names: Sequence[str] | None = None, fewer: str = "authors") -> list[list[int]]:
+    """Top-``n`` templates per class (Eq. 6 as implemented, protocol §3.8): the stored order (best first), entries
+    with ``pixel_percentage == 0`` (never-predicting templates) dropped, the first ``n`` kept. One list per class,
+    in the JSON's class order or in ``class_names`` order.
+
+    ``fewer``: a class with fewer than ``n`` valid templates (small train sets) —
+    ``"authors"`` (default, the authors' MaskCLIP/CLIP-DINOiser inferencer): keep the valid ones; with none, all
+    M templates, i.e. the class's expert is the averaged classifier; logged as a warning. ``"error"``: raise.
+    (The authors' NACLIP crashes in that case; the shipped rankings never reach it.)
+    """
+    n = _check_n(n)
+    if fewer not in FEWER_RULES:
+        raise ValueError(f"fewer: expected one of {FEWER_RULES}, received {fewer!r}")
+    order = list(class_names) if class_names is not None else list(rankings.get("classes", {}))
+    valid = valid_templates(rankings, metric, class_names)
+    short = [(name, len(v)) for name, v in zip(order, valid) if len(v) < n]
+    if short and fewer == "error":
+        name, count = short[0]
+        raise ValueError(f"rankings: class {name!r} has only {count} valid templates (pixel_percentage > 0), fewer "
+                         f"than n={n} ({len(short)} such classes); fewer='authors' keeps the valid ones")
+    if short:
+        logger.warning("%d classes have fewer than %d valid templates; kept the valid ones (none: all %d templates, "
+                       "the averaged classifier): %s", len(short), n, NUM_TEMPLATES,
+                       ", ".join(f"{name} ({count})" for name, count in short[:10]))
+    num_templates = len(next(iter(rankings["classes"].values()))[ranking_key(metric)])
+    return [v[:n] if v else list(range(num_templates)) for v in valid]
 
 
 # --- oracle analysis: needs per-template IoU on labelled data -----------------------------------------------

@@ -78,6 +78,7 @@ class TemplateStats:
         self.device = None if device is None else torch.device(device)
         self._records: dict[Any, dict[str, Any]] = {}
         self._state: dict[str, torch.Tensor] | None = None
+        self.extra: dict | None = None      # the ``extra`` dict of the file it was loaded from
         if self.device is not None:
             self._init_state(self.device)
 
@@ -413,8 +414,9 @@ class TemplateStats:
         return {"model": model, "dataset": dataset, "split": split, "classes": classes}
 
     # ------------------------------------------------------------------------------------- save/load
-    def save(self, path: str | os.PathLike) -> None:
-        """Write to a safetensors file (JSON config and image ids in its metadata), atomically."""
+    def save(self, path: str | os.PathLike, extra: dict | None = None) -> None:
+        """Write to a safetensors file (JSON config and image ids in its metadata), atomically; ``extra`` (a JSON
+        dict, e.g. the ids a resumable job has done) is stored with it and read back as ``.extra``."""
         from safetensors.torch import save_file
         path = os.fspath(path)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self._get_state().items()}
@@ -425,6 +427,8 @@ class TemplateStats:
         meta = {"format": _FORMAT, "num_templates": self.num_templates, "num_classes": self.num_classes,
                 "metrics": list(self.metrics), "feature_dim": self.feature_dim,
                 "track_images": self.track_images, "image_ids": ids}
+        if extra is not None:
+            meta["extra"] = extra
         folder = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
         os.close(fd)
@@ -455,6 +459,7 @@ class TemplateStats:
                   feature_dim=meta["feature_dim"], track_images=meta["track_images"], device=device or "cpu")
         for key, val in out._get_state().items():
             val.copy_(tensors[key])
+        out.extra = meta.get("extra")
         for n, i in enumerate(meta["image_ids"]):
             prefix = f"img/{n}/"
             rec = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}

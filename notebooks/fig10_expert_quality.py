@@ -20,6 +20,8 @@
 root = ""  # repository root; empty means floss.paths.ROOT
 figures = {"10": "clipdinoiser", "11": "naclip"}  # figure number -> model
 datasets = ["ade20k", "cityscapes", "pascalco59", "pascalvoc20"]
+matrix = None  # params.yaml `models`; None: the paper's matrix. A panel whose run is missing says so.
+per_template = True  # params.yaml evaluate.per_template (rho_hat needs the single-template IoUs)
 
 # %%
 from pathlib import Path
@@ -35,9 +37,16 @@ plots.use_style()
 # %%
 means = {}
 for number, model in figures.items():
-    docs = {d: analysis.load_results(ROOT, model, d) for d in datasets}
+    docs = {d: analysis.results_or_none(ROOT, matrix, model, d) if per_template else None for d in datasets}
     fig, axes = plt.subplots(len(datasets), 1, figsize=(10, 2.6 * len(datasets)), squeeze=False)
     for ax, (d, res) in zip(axes[:, 0], docs.items()):
+        if res is None:
+            ax.axis("off")
+            ax.set_title(d)
+            ax.text(0.5, 0.5, analysis.not_run_message(model, d) if per_template else
+                    "Not run: evaluate.per_template is false in params.yaml.", ha="center", va="center", wrap=True,
+                    transform=ax.transAxes)
+            continue
         base = analysis.class_iou(res, "baseline")
         quality, mean = analysis.quality_per_class(res["experts"], analysis.per_template_iou(res), base, list(base.index))
         means[model, d] = mean

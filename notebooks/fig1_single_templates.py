@@ -23,6 +23,8 @@ fig1_model = "clipdinoiser"
 fig1_dataset = "cityscapes"
 appendix = {"8": "clipdinoiser", "9": "naclip"}  # figure number -> model
 appendix_datasets = ["ade20k", "cityscapes", "pascalco59", "pascalvoc20"]
+matrix = None  # params.yaml `models`; None: the paper's matrix. A panel whose run is missing says so.
+per_template = True  # params.yaml evaluate.per_template (the single-template IoUs these figures plot)
 
 # %%
 from pathlib import Path
@@ -51,12 +53,23 @@ def draw(ax, res, title):
     return analysis.single_template_summary(iou, base)
 
 
+def missing(model, dataset):
+    """Why the single-template IoUs of (model, dataset) are unavailable, or None."""
+    if not per_template:
+        return "Not run: evaluate.per_template is false in params.yaml (the 80 single-template IoUs are not computed)."
+    return None if analysis.ran(matrix, model, dataset) else analysis.not_run_message(model, dataset)
+
+
 # %%
-res = analysis.load_results(ROOT, fig1_model, fig1_dataset)
-fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(res["methods"]["baseline"]["iou"])), 3.6))
-summary = draw(ax, res, plots.demo_title(f"Single templates vs W_CLIP — {paper.model_label(fig1_model)}, "
-                                         f"{fig1_dataset}", analysis.is_synthetic(res)))
-ax.legend(loc="upper right")
+title = f"Single templates vs W_CLIP — {paper.model_label(fig1_model)}, {fig1_dataset}"
+summary = None
+if missing(fig1_model, fig1_dataset):
+    fig = plots.message_figure(title, missing(fig1_model, fig1_dataset))
+else:
+    res = analysis.load_results(ROOT, fig1_model, fig1_dataset)
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(res["methods"]["baseline"]["iou"])), 3.6))
+    summary = draw(ax, res, plots.demo_title(title, analysis.is_synthetic(res)))
+    ax.legend(loc="upper right")
 plots.save_figure(fig, 1, "single_templates", root=ROOT)
 summary
 
@@ -65,10 +78,15 @@ summary
 
 # %%
 for number, model in appendix.items():
-    docs = [analysis.load_results(ROOT, model, d) for d in appendix_datasets]
+    docs = [None if missing(model, d) else analysis.load_results(ROOT, model, d) for d in appendix_datasets]
     fig, axes = plt.subplots(len(docs), 1, figsize=(12, 3.4 * len(docs)), squeeze=False)
     for ax, d, doc in zip(axes[:, 0], appendix_datasets, docs):
-        draw(ax, doc, d)
+        if doc is None:
+            ax.axis("off")
+            ax.set_title(d)
+            ax.text(0.5, 0.5, missing(model, d), ha="center", va="center", wrap=True, transform=ax.transAxes)
+        else:
+            draw(ax, doc, d)
     fig.suptitle(plots.demo_title(f"Individual templates vs average templates ({paper.model_label(model)})",
                                   analysis.is_synthetic(*docs)))
     plots.save_figure(fig, number, f"single_templates_{model}", root=ROOT)

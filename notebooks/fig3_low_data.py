@@ -43,7 +43,7 @@ curves = {}
 fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.2), squeeze=False)
 for ax, d in zip(axes[0], datasets):
     stats = experiments.load_stats(ROOT, model, d)
-    train_ids = experiments.open_cache(ROOT, model, d, "train").ids
+    train_ids = stats.image_ids        # the per-image records of the rank stage (no train cache needed)
     val = experiments.open_cache(ROOT, model, d, "val")
     frame = experiments.low_data(stats, train_ids, val, val.class_names, sizes, seeds, n=n, metric=metric)
     summary = experiments.summarize(frame, "size")

@@ -21,6 +21,8 @@
 root = ""  # repository root; empty means floss.paths.ROOT
 models = ["clipdinoiser", "maskclip", "naclip"]
 dataset = "cityscapes"
+matrix = None  # params.yaml `models`; None: the paper's matrix. A panel whose run is missing says so.
+per_template = True  # params.yaml evaluate.per_template
 
 # %%
 from pathlib import Path
@@ -34,10 +36,17 @@ ROOT = Path(root) if root else floss.paths.ROOT
 plots.use_style()
 
 # %%
-docs = {m: analysis.load_results(ROOT, m, dataset) for m in models}
+docs = {m: analysis.results_or_none(ROOT, matrix, m, dataset) if per_template else None for m in models}
 fig, axes = plt.subplots(len(models), 1, figsize=(9, 2.6 * len(models)), squeeze=False)
 summaries = {}
 for ax, (m, res) in zip(axes[:, 0], docs.items()):
+    if res is None:
+        ax.axis("off")
+        ax.set_title(paper.model_label(m))
+        ax.text(0.5, 0.5, analysis.not_run_message(m, dataset) if per_template else
+                "Not run: evaluate.per_template is false in params.yaml.", ha="center", va="center", wrap=True,
+                transform=ax.transAxes)
+        continue
     s = analysis.single_template_summary(analysis.per_template_iou(res), analysis.class_iou(res, "baseline"))
     summaries[m] = s
     plots.bar_gains(ax, list(s.index), s["gain"])

@@ -19,6 +19,7 @@
 root = ""  # repository root; empty means floss.paths.ROOT
 models = ["maskclip", "naclip", "clipdinoiser"]
 datasets = ["cityscapes", "pascalvoc20", "pascalco59", "ade20k", "cocostuff"]
+matrix = None  # params.yaml `models`; None: the paper's matrix. Bars not run are absent (and listed).
 
 # %%
 from pathlib import Path
@@ -33,8 +34,10 @@ ROOT = Path(root) if root else floss.paths.ROOT
 plots.use_style()
 
 # %%
-docs = {(m, d): analysis.load_results(ROOT, m, d) for m in models for d in datasets}
-gain = {(m, d): analysis.method_miou(r, "floss") - analysis.method_miou(r, "baseline") for (m, d), r in docs.items()}
+docs = {(m, d): analysis.results_or_none(ROOT, matrix, m, d) for m in models for d in datasets}
+gain = {(m, d): analysis.method_miou(r, "floss") - analysis.method_miou(r, "baseline") if r else np.nan
+        for (m, d), r in docs.items()}
+missing = [f"{paper.model_label(m)}/{paper.dataset_label(d)}" for (m, d), r in docs.items() if r is None]
 fig, ax = plt.subplots(figsize=(1.2 * len(datasets) * len(models) / 2 + 3, 3.3))
 width = 0.8 / len(models)
 x = np.arange(len(datasets))
@@ -51,6 +54,7 @@ ax.axhline(0, color="black", linewidth=0.8)
 ax.set_xticks(x + width * (len(models) - 1) / 2, [paper.dataset_label(d) for d in datasets])
 ax.set_ylabel("Δ mIoU (FLOSS − model)")
 ax.legend(fontsize=7, ncol=2)
-ax.set_title(plots.demo_title("Performance boost with FLOSS", analysis.is_synthetic(*docs.values())))
+title = "Performance boost with FLOSS" + (f"\n(not run: {', '.join(missing)})" if missing else "")
+ax.set_title(plots.demo_title(title, analysis.is_synthetic(*docs.values())), fontsize=9 if missing else None)
 plots.save_figure(fig, 7, "improvement", root=ROOT)
 {f"{m}/{d}": round(v, 2) for (m, d), v in gain.items()}

@@ -22,6 +22,7 @@
 root = ""  # repository root; empty means floss.paths.ROOT
 models = ["maskclip", "naclip", "clipdinoiser"]
 datasets = ["cityscapes", "pascalvoc20", "pascalco59", "ade20k", "cocostuff"]
+matrix = None  # params.yaml `models` (model -> datasets run); None: the paper's matrix. Cells not run say so.
 
 # %%
 from pathlib import Path
@@ -32,17 +33,20 @@ from floss.report import analysis, paper, tables
 ROOT = Path(root) if root else floss.paths.ROOT
 
 # %% [markdown]
-# Load every results file; a missing one is an error that names the file and the stage that writes it.
+# Load every results file the matrix ran; a missing one is an error that names the file and the stage that writes
+# it. A (model, dataset) pair not in the matrix is shown as "not run", and so is an average over an incomplete row.
 
 # %%
-results = {(m, d): analysis.load_results(ROOT, m, d) for m in models for d in datasets}
+results = {(m, d): analysis.results_or_none(ROOT, matrix, m, d) for m in models for d in datasets}
 synthetic = analysis.is_synthetic(*results.values())
-ours = {}
+ours, not_run = {}, set()
 for m in models:
-    ours[m] = {d: analysis.method_miou(results[m, d], "baseline") for d in datasets}
-    ours[f"{m}+floss"] = {d: analysis.method_miou(results[m, d], "floss") for d in datasets}
-ours = tables.frame_from_nested(ours)
-ours["avg"] = ours[datasets].mean(axis=1)
+    for method, row in ((m, "baseline"), (f"{m}+floss", "floss")):
+        ours[method] = {d: analysis.method_miou(results[m, d], row) for d in datasets if results[m, d]}
+        not_run |= {(method, d) for d in datasets if results[m, d] is None}
+ours = tables.frame_from_nested(ours, rows=[r for m in models for r in (m, f"{m}+floss")], columns=datasets)
+ours["avg"] = ours[datasets].mean(axis=1, skipna=False)
+not_run |= {(r, "avg") for r, _ in not_run}
 ours
 
 # %% [markdown]
@@ -52,7 +56,7 @@ ours
 reference = paper.table_frame("table1")
 labels = {m: paper.model_label(m) for m in reference.index}
 labels.update({f"{m}+floss": f"{paper.model_label(m)} + FLOSS" for m in list(models) + list(paper.MODEL_LABELS)})
-table = tables.compare(ours, reference, row_labels=labels, column_labels=paper.DATASET_LABELS)
+table = tables.compare(ours, reference, row_labels=labels, column_labels=paper.DATASET_LABELS, not_run=not_run)
 written = tables.write_table(table, "main_results", 1, "OVSS across datasets and models (mIoU, %): reproduced "
                              "(ours), the paper's Table 1 (paper) and the difference.", root=ROOT,
                              synthetic=synthetic)

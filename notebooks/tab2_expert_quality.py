@@ -21,6 +21,8 @@
 root = ""  # repository root; empty means floss.paths.ROOT
 models = ["maskclip", "naclip", "clipdinoiser"]
 datasets = ["cityscapes", "pascalvoc20", "pascalco59", "ade20k", "cocostuff"]
+matrix = None  # params.yaml `models`; None: the paper's matrix. Pairs not run are shown as "not run".
+per_template = True  # params.yaml evaluate.per_template: rho_hat needs the 80 single-template IoUs
 
 # %%
 from pathlib import Path
@@ -31,24 +33,27 @@ from floss.report import analysis, paper, tables
 ROOT = Path(root) if root else floss.paths.ROOT
 
 # %%
-rows, synthetic = {}, False
+rows, synthetic, not_run = {}, False, set()
 for m in models:
     rows[m] = {}
     for d in datasets:
-        res = analysis.load_results(ROOT, m, d)
+        res = analysis.results_or_none(ROOT, matrix, m, d) if per_template else None
+        if res is None:
+            not_run |= {(m, d), (m, "avg")}
+            continue
         synthetic |= analysis.is_synthetic(res)
         baseline = analysis.class_iou(res, "baseline")
         quality, mean = analysis.quality_per_class(res["experts"], analysis.per_template_iou(res), baseline,
                                                    list(baseline.index))
         rows[m][d] = mean
-ours = tables.frame_from_nested(rows)
-ours["avg"] = ours[datasets].mean(axis=1)
+ours = tables.frame_from_nested(rows, rows=models, columns=datasets)
+ours["avg"] = ours[datasets].mean(axis=1, skipna=False)
 ours
 
 # %%
 reference = paper.table_frame("table2")
 table = tables.compare(ours, reference, row_labels={m: f"{paper.model_label(m)} + FLOSS" for m in reference.index},
-                       column_labels=paper.DATASET_LABELS)
+                       column_labels=paper.DATASET_LABELS, not_run=not_run)
 tables.write_table(table, "expert_quality", 2, "Quality of the estimated class-experts: mean over classes of "
                    "rho_hat_k (Eq. 8, %), reproduced (ours) beside the paper's Table 2.", root=ROOT,
                    synthetic=synthetic, precision=0)

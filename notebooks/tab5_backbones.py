@@ -20,6 +20,7 @@
 root = ""  # repository root; empty means floss.paths.ROOT
 backbones = {"vitb16": "naclip", "vitl14": "naclip_vitl14"}
 datasets = ["cityscapes", "pascalco59"]
+matrix = None  # params.yaml `models`; None: the paper's matrix
 
 # %%
 from pathlib import Path
@@ -34,17 +35,21 @@ ROOT = Path(root) if root else floss.paths.ROOT
 # %%
 parts, synthetic = [], False
 for backbone, model in backbones.items():
-    docs = {d: analysis.load_results(ROOT, model, d) for d in datasets}
+    docs = {d: analysis.results_or_none(ROOT, matrix, model, d) for d in datasets}
     synthetic |= analysis.is_synthetic(*docs.values())
-    ours = tables.frame_from_nested({model: {d: analysis.method_miou(docs[d], "baseline") for d in datasets},
-                                     f"{model}+floss": {d: analysis.method_miou(docs[d], "floss") for d in datasets}})
-    ours["avg"] = ours[datasets].mean(axis=1)
+    rows = [model, f"{model}+floss"]
+    ours = tables.frame_from_nested({r: {d: analysis.method_miou(doc, "floss" if r != model else "baseline")
+                                         for d, doc in docs.items() if doc} for r in rows}, rows=rows, columns=datasets)
+    ours["avg"] = ours[datasets].mean(axis=1, skipna=False)
+    not_run = {(r, c) for r in rows for c in [*datasets, "avg"] if any(docs[d] is None for d in datasets)
+               and (c == "avg" or docs[c] is None)}
     labels = {model: f"NACLIP {backbone}", f"{model}+floss": f"NACLIP {backbone} + FLOSS"}
     part = tables.compare(ours, paper.table_frame("table5", backbone), row_labels=labels,
-                          column_labels=paper.DATASET_LABELS)
+                          column_labels=paper.DATASET_LABELS, not_run=not_run)
     part.index = [f"{i} [{backbone}]" if "NACLIP" not in i else i for i in part.index]
     parts.append(part)
 table = pd.concat(parts)
+table.attrs["not_run"] = set().union(*(part.attrs["not_run"] for part in parts))
 tables.write_table(table, "backbones", 5, "Effect of the backbone (mIoU, %): NACLIP with ViT-B/16 and ViT-L/14, "
                    "reproduced (ours) beside the paper's Table 5.", root=ROOT, synthetic=synthetic)
 print((ROOT / "tables" / "tab5_backbones.md").read_text())

@@ -33,10 +33,32 @@ def test_select_experts_filters_never_predicting_templates():
     assert select_experts(r, n=2, class_names=["sky", "road"]) == [[1, 2], [5, 6]]
     assert select_experts(r, n=78) [0][:3] == [5, 6, 7]
     with pytest.raises(ValueError, match="'road' has only 78 valid"):
-        select_experts(r, n=79)
+        select_experts(r, n=79, fewer="error")
+    with pytest.raises(ValueError, match="fewer: expected one of"):
+        select_experts(r, fewer="drop")
     for bad in (0, -1, 2.0, True):
         with pytest.raises(ValueError, match="n:"):
             select_experts(r, n=bad)
+
+
+def test_select_experts_follows_the_authors_rule_for_classes_short_of_valid_templates(caplog):
+    """A class with fewer than n valid templates keeps those; one with none gets all 80 (the averaged
+    classifier), as the authors' MaskCLIP/CLIP-DINOiser inferencer; both are logged (protocol §1.5)."""
+    r = make_rankings({"road": [5, 6, 7, 8, 9], "sky": [1, 2, 3, 4], "car": [9]},
+                      zero={"sky": [t for t in range(80) if t not in (1, 2)], "car": list(range(80))})
+    with caplog.at_level("WARNING", logger="floss.rankings"):
+        experts = select_experts(r)
+    assert experts == [[5, 6, 7, 8], [1, 2], list(range(80))]
+    assert "sky (2)" in caplog.text and "car (0)" in caplog.text
+
+
+def test_select_experts_accepts_the_documented_defaults_of_template_stats():
+    """README: floss.select_experts(st.rankings(names)) with model/dataset left as None (an API hole)."""
+    import torch
+    from floss import TemplateStats
+    st = TemplateStats(80, 2)
+    st.update(torch.rand(80, 2, 4, 4).softmax(dim=1))
+    assert len(select_experts(st.rankings(["road", "sky"]))) == 2
 
 
 def test_other_metric_key():

@@ -6,14 +6,14 @@ device="cpu", ...)`` builds a model; ``register_model(name, factory)`` adds a us
 """
 from __future__ import annotations
 
-from floss.models.base import (DenseModel, ImageFeatures, ProtocolSettings, available_models, create_model,
-                               register_model, settings_for)
+from floss.models.base import (DenseModel, ImageFeatures, ProtocolSettings, authors_precision, available_models,
+                               create_model, register_model, settings_for)
 from floss.models.clipdinoiser import CLIPDINOiser
 from floss.models.maskclip import MaskCLIP
 from floss.models.naclip import NACLIP
 
 __all__ = ["DenseModel", "ImageFeatures", "ProtocolSettings", "settings_for", "register_model", "create_model",
-           "available_models", "MaskCLIP", "CLIPDINOiser", "NACLIP"]
+           "available_models", "authors_precision", "MaskCLIP", "CLIPDINOiser", "NACLIP"]
 
 
 def _no_checkpoint(model: str, checkpoint) -> None:
@@ -37,4 +37,4 @@ def _naclip(backbone=None, pretrained=None, checkpoint=None, device="cpu", **kw)
 
 register_model("maskclip", _maskclip)
 register_model("clipdinoiser", _clipdinoiser)
-register_model("naclip", _naclip)
+register_model("naclip", _naclip, authors_precision=NACLIP.authors_precision)

@@ -164,7 +164,9 @@ class OpenClipDenseModel(DenseModel):
         if not out:
             return torch.zeros((0, self.feature_dim), device=self.device)
         emb = torch.cat(out)
-        return emb / emb.norm(dim=-1, keepdim=True)
+        emb = emb / emb.norm(dim=-1, keepdim=True)
+        # an fp16 model's text features are fp16 values (the authors' NACLIP normalises them in fp16)
+        return emb.half().float() if self.precision == "fp16" else emb
 
     def patch_pos_embed(self) -> torch.Tensor:
         """Native patch positional embeddings as [1, D, gh, gw] (float32, for interpolation)."""

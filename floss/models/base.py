@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ProtocolSettings", "settings_for", "ImageFeatures", "DenseModel", "register_model", "create_model",
-    "available_models", "KNOWN_DATASETS", "DRIVING_DATASETS", "PROTOCOLS", "SOFTMAX_STAGES",
+    "available_models", "authors_precision", "KNOWN_DATASETS", "DRIVING_DATASETS", "PROTOCOLS", "SOFTMAX_STAGES",
 ]
 
 PROTOCOLS = ("authors", "paper")
@@ -52,6 +52,8 @@ class ProtocolSettings:
     renormalize_fallback: bool
     window_fp16: bool
     protocol: str                 # "authors" | "paper"
+    #: cosines rounded to fp16 before anything else (an fp16 model on CUDA: the authors' NACLIP, protocol §1.2)
+    logits_fp16: bool = False
 
     def __post_init__(self):
         if (not isinstance(self.scale, tuple) or len(self.scale) != 2
@@ -70,7 +72,7 @@ class ProtocolSettings:
         if isinstance(self.logit_scale, bool) or not isinstance(self.logit_scale, (int, float)) \
                 or not self.logit_scale > 0:
             raise ValueError(f"logit_scale: expected a positive number, received {self.logit_scale!r}")
-        for name in ("renormalize_experts", "renormalize_fallback", "window_fp16"):
+        for name in ("renormalize_experts", "renormalize_fallback", "window_fp16", "logits_fp16"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected a bool, received {getattr(self, name)!r}")
         if self.protocol not in PROTOCOLS:
@@ -85,11 +87,14 @@ class ProtocolSettings:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ProtocolSettings":
-        """Inverse of :meth:`to_dict`; missing or unknown keys are errors."""
+        """Inverse of :meth:`to_dict`; missing or unknown keys are errors (fields with a default may be absent:
+        caches written before they existed)."""
         if not isinstance(d, dict):
             raise TypeError(f"settings: expected a dict, received {type(d).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        missing, unknown = sorted(set(names) - set(d)), sorted(set(d) - set(names))
+        fields = dataclasses.fields(cls)
+        names = [f.name for f in fields]
+        required = [f.name for f in fields if f.default is dataclasses.MISSING]
+        missing, unknown = sorted(set(required) - set(d)), sorted(set(d) - set(names))
         if missing or unknown:
             raise ValueError(f"settings: expected exactly the keys {names}; missing {missing}, unknown {unknown}")
         kw = dict(d)
@@ -100,7 +105,7 @@ class ProtocolSettings:
         return cls(**kw)
 
 
-def settings_for(model: str, dataset: str, protocol: str = "authors") -> ProtocolSettings:
+def settings_for(model: str, dataset: str, protocol: str = "authors", precision: str = "fp32") -> ProtocolSettings:
     """Protocol settings of FLOSS protocol §2.4 (``"authors"``) or of the paper's text (``"paper"``).
 
     * authors — MaskCLIP and CLIP-DINOiser both use CLIP-DINOiser's configs: short side 448 (Cityscapes
@@ -110,7 +115,12 @@ def settings_for(model: str, dataset: str, protocol: str = "authors") -> Protoco
       renormalised classifiers. Window outputs are cast to fp16 on ADE20K/COCO-Stuff.
     * paper — every classifier renormalised, no fp16 cast; MaskCLIP at (2048, 336) (driving sets 560) with
       224/112 windows as the paper's text says; CLIP-DINOiser and NACLIP as above.
+
+    ``precision="fp16"`` (the model runs in fp16, e.g. the authors' NACLIP on CUDA): cosines are rounded to fp16
+    and every upsampled window output is fp16 (their fp16 logits are interpolated in fp16), on every dataset.
     """
+    if precision not in ("fp32", "fp16"):
+        raise ValueError(f"precision: expected 'fp32' or 'fp16', received {precision!r}")
     if model not in PROTOCOL_MODELS:
         raise ValueError(f"model: expected one of {PROTOCOL_MODELS} (a custom model builds ProtocolSettings "
                          f"itself), received {model!r}")
@@ -120,7 +130,7 @@ def settings_for(model: str, dataset: str, protocol: str = "authors") -> Protoco
         raise ValueError(f"protocol: expected one of {PROTOCOLS}, received {protocol!r}")
     authors = protocol == "authors"
     driving = dataset in DRIVING_DATASETS
-    fp16 = authors and dataset in _FP16_WINDOW_DATASETS
+    fp16 = (authors and dataset in _FP16_WINDOW_DATASETS) or precision == "fp16"
     if model == "naclip" or (model == "maskclip" and not authors):
         scale = (2048, 560) if driving else (2048, 336)
         whole = model == "naclip" and dataset == "pascalvoc20"   # NACLIP's slide_crop=0 on VOC20
@@ -131,7 +141,7 @@ def settings_for(model: str, dataset: str, protocol: str = "authors") -> Protoco
     return ProtocolSettings(scale=scale, crop=crop, stride=stride,
                             softmax_stage="final" if model == "naclip" else "window", logit_scale=100.0,
                             renormalize_experts=renorm, renormalize_fallback=renorm, window_fp16=fp16,
-                            protocol=protocol)
+                            protocol=protocol, logits_fp16=precision == "fp16")
 
 
 class ImageFeatures(NamedTuple):
@@ -155,6 +165,10 @@ class DenseModel(abc.ABC):
     feature_dim: int
     patch_size: int
     device: torch.device = torch.device("cpu")
+    #: the precision the original implementation runs in on CUDA ("fp16" for OpenAI-loader models like NACLIP);
+    #: ``precision="auto"`` resolves to it on CUDA and to fp32 on CPU (floss.extraction.resolve_precision)
+    authors_precision: str = "fp32"
+    precision: str = "fp32"
     pad_to_patch: bool = False
     window_batch_size: int = 8
 
@@ -171,28 +185,32 @@ class DenseModel(abc.ABC):
 
         The built-in models use the authors' table (:func:`settings_for`); a plug-in model overrides this
         method (or sets ``protocol_model`` to borrow a built-in model's settings)."""
-        return settings_for(getattr(self, "protocol_model", None) or self.name, dataset, protocol)
+        return settings_for(getattr(self, "protocol_model", None) or self.name, dataset, protocol,
+                            precision=getattr(self, "precision", "fp32"))
 
-    @torch.inference_mode()
-    def extract(self, image: np.ndarray, settings: ProtocolSettings, *,
-                batch_size: int | None = None) -> ImageFeatures:
-        """Resize, cut into windows and encode one uint8 RGB (H, W, 3) image; features stay on ``device``."""
+    def prepare(self, image: np.ndarray, settings: ProtocolSettings) -> preprocess.PreparedImage:
+        """The CPU half of :meth:`extract` (resize, windows, padding, normalisation); safe in worker processes."""
         if not isinstance(settings, ProtocolSettings):
             raise TypeError(f"settings: expected ProtocolSettings, received {type(settings).__name__}")
+        return preprocess.prepare_image(image, settings, self.patch_size if self.pad_to_patch else None)
+
+    @torch.inference_mode()
+    def encode(self, prepared: preprocess.PreparedImage, *, batch_size: int | None = None) -> ImageFeatures:
+        """The encoder half of :meth:`extract`: window features on ``device`` (fp16-rounded for fp16 models)."""
         batch_size = batch_size or self.window_batch_size
         if batch_size < 1:
             raise ValueError(f"batch_size: expected a positive integer, received {batch_size}")
-        orig_size = (int(image.shape[0]), int(image.shape[1])) if isinstance(image, np.ndarray) else None
-        resized = preprocess.resize_image(image, settings.scale)
-        unit = preprocess.image_to_unit_tensor(resized, device=self.device)
-        h, w = resized.shape[:2]
-        boxes = preprocess.window_boxes(h, w, settings.crop, settings.stride)
-        crops = torch.stack([unit[:, y1:y2, x1:x2] for y1, y2, x1, x2 in boxes.tolist()])
-        if self.pad_to_patch:
-            crops = preprocess.pad_to_multiple(crops, self.patch_size)
-        crops = preprocess.normalize_clip(crops)
+        crops = prepared.crops.to(self.device, non_blocking=True)
         outs = [self._checked_window_features(crops[i:i + batch_size]) for i in range(0, len(crops), batch_size)]
-        return ImageFeatures(torch.cat(outs).float(), boxes, (h, w), orig_size)
+        feats = torch.cat(outs).float()
+        if getattr(self, "precision", "fp32") == "fp16":
+            feats = feats.half().float()      # the fp16 model's features are fp16 values (the authors' NACLIP)
+        return ImageFeatures(feats, prepared.boxes, prepared.resized_size, prepared.orig_size)
+
+    def extract(self, image: np.ndarray, settings: ProtocolSettings, *,
+                batch_size: int | None = None) -> ImageFeatures:
+        """Resize, cut into windows and encode one uint8 RGB (H, W, 3) image; features stay on ``device``."""
+        return self.encode(self.prepare(image, settings), batch_size=batch_size)
 
     def _checked_window_features(self, x: torch.Tensor) -> torch.Tensor:
         out = self.window_features(x)
@@ -211,17 +229,31 @@ class DenseModel(abc.ABC):
 
 # ---------------------------------------------------------------------------------------------- registry
 _REGISTRY: dict[str, Callable[..., DenseModel]] = {}
+_PRECISION: dict[str, str] = {}
 
 
-def register_model(name: str, factory: Callable[..., DenseModel], *, overwrite: bool = False) -> None:
-    """Register ``factory(**kwargs) -> DenseModel`` under ``name`` (``overwrite=True`` to replace)."""
+def register_model(name: str, factory: Callable[..., DenseModel], *, overwrite: bool = False,
+                   authors_precision: str = "fp32") -> None:
+    """Register ``factory(**kwargs) -> DenseModel`` under ``name`` (``overwrite=True`` to replace).
+
+    ``authors_precision`` is the precision the original runs in on CUDA (``precision="auto"`` picks it there)."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"name: expected a non-empty string, received {name!r}")
     if not callable(factory):
         raise TypeError(f"factory: expected a callable returning a DenseModel, received {type(factory).__name__}")
     if name in _REGISTRY and not overwrite:
         raise ValueError(f"model {name!r} is already registered; pass overwrite=True to replace it")
+    if authors_precision not in ("fp32", "fp16"):
+        raise ValueError(f"authors_precision: expected 'fp32' or 'fp16', received {authors_precision!r}")
     _REGISTRY[name] = factory
+    _PRECISION[name] = authors_precision
+
+
+def authors_precision(name: str) -> str:
+    """The precision model ``name``'s original implementation runs in on CUDA (fp32 unless registered otherwise)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"model: expected one of {available_models()}, received {name!r}")
+    return _PRECISION.get(name, "fp32")
 
 
 def available_models() -> list[str]:

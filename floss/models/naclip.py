@@ -70,6 +70,7 @@ class NACLIP(OpenClipDenseModel):
     """NACLIP on an open_clip ViT (QuickGELU OpenAI weights by default)."""
 
     name = "naclip"
+    authors_precision = "fp16"       # OpenAI's loader converts the weights to fp16 on CUDA (protocol §1.2)
     default_backbone = "ViT-B-16-quickgelu"
     default_pretrained = "openai"
 

@@ -15,7 +15,7 @@ Everything here reproduces mmcv/mmseg behaviour without depending on them:
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import cv2
 import numpy as np
@@ -25,7 +25,8 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 __all__ = [
     "CLIP_MEAN", "CLIP_STD", "rescale_size", "resize_image", "image_to_unit_tensor", "pad_to_multiple",
-    "normalize_clip", "window_starts", "window_boxes", "merge_windows", "resize_to",
+    "normalize_clip", "window_starts", "window_boxes", "merge_windows", "resize_to", "PreparedImage",
+    "prepare_image",
 ]
 
 #: OpenAI CLIP normalisation constants (used by MaskCLIP, CLIP-DINOiser and NACLIP alike)
@@ -164,3 +165,28 @@ def merge_windows(window_maps: torch.Tensor, boxes, resized_size: Sequence[int],
         raise ValueError(f"boxes: the windows do not cover the whole {H}x{W} image")
     return canvas / count.to(canvas.dtype)
 
+
+
+class PreparedImage(NamedTuple):
+    """One image ready for the encoder: CLIP-normalised windows and the geometry the cache records."""
+
+    crops: torch.Tensor            # [Nw, 3, h, w] float32, CLIP-normalised (padded when the model pads)
+    boxes: np.ndarray              # [Nw, 4] int32 (y1, y2, x1, x2) in resized-image coordinates
+    resized_size: tuple[int, int]  # (h, w) after the keep-ratio resize
+    orig_size: tuple[int, int]     # (H, W) of the input image
+
+
+def prepare_image(image: np.ndarray, settings, pad_multiple: int | None = None) -> PreparedImage:
+    """Resize (``settings.scale``), cut into windows (``settings.crop``/``stride``), pad and normalise, on CPU.
+
+    The model-independent half of :meth:`floss.models.DenseModel.extract`; it runs in DataLoader workers so that
+    decoding and resizing overlap with the encoder (:mod:`floss.extraction`)."""
+    image = _check_image(image)
+    resized = resize_image(image, settings.scale)
+    unit = image_to_unit_tensor(resized)
+    h, w = resized.shape[:2]
+    boxes = window_boxes(h, w, settings.crop, settings.stride)
+    crops = torch.stack([unit[:, y1:y2, x1:x2] for y1, y2, x1, x2 in boxes.tolist()])
+    if pad_multiple:
+        crops = pad_to_multiple(crops, pad_multiple)
+    return PreparedImage(normalize_clip(crops), boxes, (h, w), (int(image.shape[0]), int(image.shape[1])))

@@ -46,6 +46,32 @@ def load_results(root, model: str, dataset: str, kind: str = "eval") -> dict:
     return read_json(results_path(root, model, dataset, kind), what=f"results of {model}/{dataset} ({kind})")
 
 
+#: the matrix of the paper (what a notebook shows when it is run without the pipeline's parameters)
+PAPER_MATRIX = {"maskclip": ["cityscapes", "pascalvoc20", "pascalco59", "ade20k", "cocostuff"],
+                "naclip": ["cityscapes", "pascalvoc20", "pascalco59", "ade20k", "cocostuff"],
+                "clipdinoiser": ["cityscapes", "pascalvoc20", "pascalco59", "ade20k", "cocostuff"],
+                "naclip_vitl14": ["cityscapes", "pascalco59"]}
+
+
+def ran(matrix: Mapping[str, Sequence[str]] | None, model: str, dataset: str) -> bool:
+    """Whether params.yaml's ``models`` matrix evaluates ``model`` on ``dataset`` (``None``: the paper's matrix)."""
+    matrix = PAPER_MATRIX if matrix is None else matrix
+    return dataset in (matrix.get(model) or ())
+
+
+def not_run_message(model: str, dataset: str, what: str = "this item") -> str:
+    """Why a figure or table cell is empty: the run is not in params.yaml, and how to add it."""
+    return (f"Not run: {what} needs {model} on {dataset}, which params.yaml's `models` matrix does not include "
+            f"(add it, e.g. `dvc exp run -S 'models.{model}=[..., {dataset}]'`).")
+
+
+def results_or_none(root, matrix, model: str, dataset: str, kind: str = "eval") -> dict | None:
+    """The results of ``model`` on ``dataset`` when the matrix ran them, else None (a cell shown "not run")."""
+    if kind == "eval" and not ran(matrix, model, dataset):
+        return None
+    return load_results(root, model, dataset, kind)
+
+
 def is_synthetic(*documents: Mapping | None) -> bool:
     """True when any results/manifest document says ``"source": "synthetic"`` (the demo profile)."""
     return any(doc is not None and doc.get("source") == "synthetic" for doc in documents)

@@ -25,6 +25,8 @@ DEMO_MARK = "synthetic demo data"
 PARTS = ("ours", "paper", "Δ")
 _CSV_PART = {"ours": "ours", "paper": "paper", "Δ": "delta"}
 QUOTED_SUFFIX = " (quoted)"
+#: what a reproduced cell shows when params.yaml did not run it (a partial matrix, missing fusions...)
+NOT_RUN = "not run"
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
 
@@ -36,14 +38,15 @@ def demo_caption(caption: str, synthetic: bool) -> str:
 
 
 def compare(ours: pd.DataFrame, paper: pd.DataFrame, *, row_labels: Mapping[str, str] | None = None,
-            column_labels: Mapping[str, str] | None = None) -> pd.DataFrame:
+            column_labels: Mapping[str, str] | None = None, not_run=()) -> pd.DataFrame:
     """Reproduced values, the paper's values and their difference side by side.
 
     ``ours`` and ``paper``: rows = methods, columns = datasets (or fusions, metrics...). ``paper`` may carry a
     boolean ``quoted`` column: those rows are quoted from the paper (no reproduction) and their label gets
     " (quoted)". Rows follow the paper's order, then the rows only we have. Columns follow the paper's
     order, then our extra columns. Returns columns ``MultiIndex(column, part)`` with part in ``PARTS``;
-    Δ = ours − paper (NaN where either is missing).
+    Δ = ours − paper (NaN where either is missing). ``not_run``: (row, column) keys of ``ours`` cells that the
+    pipeline did not run; :func:`write_table` shows them as "not run" (kept in ``out.attrs["not_run"]``).
     """
     for name, frame in (("ours", ours), ("paper", paper)):
         if not isinstance(frame, pd.DataFrame):
@@ -62,10 +65,34 @@ def compare(ours: pd.DataFrame, paper: pd.DataFrame, *, row_labels: Mapping[str,
     out = pd.concat(parts, axis=1).swaplevel(0, 1, axis=1)
     out = out.reindex(columns=pd.MultiIndex.from_product([cols, PARTS]))
     row_labels = dict(row_labels or {})
-    out.index = [row_labels.get(r, r) + (QUOTED_SUFFIX if r in quoted else "") for r in rows]
+    label_of = {r: row_labels.get(r, r) + (QUOTED_SUFFIX if r in quoted else "") for r in rows}
+    out.index = [label_of[r] for r in rows]
+    column_labels = dict(column_labels or {})
     if column_labels:
         out.columns = out.columns.set_levels([column_labels.get(c, c) for c in out.columns.levels[0]], level=0)
+    out.attrs["not_run"] = {(label_of[r], column_labels.get(c, c)) for r, c in not_run if r in label_of}
     return out
+
+
+def mark_not_run(df: pd.DataFrame, cells) -> pd.DataFrame:
+    """``df`` with (row label, column) cells flagged "not run" for :func:`write_table` (tables without a paper
+    side; ``compare`` takes the same keys as ``not_run=``)."""
+    df = df.copy()
+    df.attrs["not_run"] = set(df.attrs.get("not_run", set())) | {(r, c) for r, c in cells}
+    return df
+
+
+def _not_run_mask(df: pd.DataFrame) -> pd.DataFrame:
+    """True for the ours (and Δ) cells of rows/columns flagged "not run" in ``df.attrs``."""
+    mask = pd.DataFrame(False, index=df.index, columns=df.columns)
+    for row, col in df.attrs.get("not_run", set()):
+        if row not in df.index:
+            continue
+        for c in df.columns:
+            head, part = (c[0], c[-1]) if isinstance(c, tuple) else (c, None)
+            if head == col and part in (None, "ours", "Δ"):
+                mask.loc[row, c] = True
+    return mask
 
 
 def _best_mask(df: pd.DataFrame, best: str | None) -> pd.DataFrame:
@@ -103,10 +130,13 @@ def _flat_columns(columns: pd.Index, csv: bool = False) -> list[str]:
 def to_markdown(df: pd.DataFrame, *, precision: int = 1, best: str | None = "max") -> str:
     """A GitHub Markdown table; best values in **bold**, missing values as "–"."""
     mask = _best_mask(df, best)
+    missing = _not_run_mask(df)
     cells = df.copy().astype(object)
     for col in df.columns:
         for i, value in enumerate(df[col]):
             text = _format_number(value, precision)
+            if missing[col].iloc[i]:
+                text = NOT_RUN if (col[-1] if isinstance(col, tuple) else None) != "Δ" else "–"
             cells.iloc[i, df.columns.get_loc(col)] = f"**{text}**" if mask[col].iloc[i] else text
     cells.columns = _flat_columns(df.columns)
     return cells.to_markdown(stralign="right", numalign="right")
@@ -120,13 +150,21 @@ def latex_escape(text: str) -> str:
 def to_latex(df: pd.DataFrame, *, caption: str, label: str, precision: int = 1, best: str | None = "max") -> str:
     """A booktabs LaTeX table through ``pandas.io.formats.style.Styler.to_latex``; best values in bold."""
     mask = _best_mask(df, best)
-    styler = df.style.format(precision=precision, na_rep="--", escape="latex")
+    missing = _not_run_mask(df)
+    shown = df
+    if missing.to_numpy().any():
+        shown = df.astype(object).where(~missing, NOT_RUN)
+        for col in df.columns:       # a not-run Δ is simply empty
+            if isinstance(col, tuple) and col[-1] == "Δ":
+                shown.loc[missing[col], col] = None
+    styler = shown.style.format(precision=precision, na_rep="--", escape="latex")
     styler = styler.format_index(escape="latex", axis=0)
     # the Δ part label becomes math; every other column label is escaped text
     styler = styler.format_index(lambda v: r"$\Delta$" if v == "Δ" else latex_escape(v), axis=1)
     styler = styler.apply(lambda _: mask.replace({True: "textbf:--rwrap;", False: ""}), axis=None)
-    return styler.to_latex(hrules=True, caption=latex_escape(caption), label=label,
-                           position_float="centering", multicol_align="c")
+    numeric = ["r" if pd.api.types.is_numeric_dtype(df[c]) else "l" for c in df.columns]
+    return styler.to_latex(hrules=True, caption=latex_escape(caption), label=label, position_float="centering",
+                           multicol_align="c", column_format="l" * df.index.nlevels + "".join(numeric))
 
 
 def table_paths(slug: str, number: int | str, root: str | os.PathLike | None = None) -> dict[str, Path]:
@@ -152,7 +190,15 @@ def write_table(df: pd.DataFrame, slug: str, number: int | str, caption: str, *,
     full_caption = demo_caption(caption, synthetic)
     md = f"**Table {number}.** {full_caption}\n\n{to_markdown(df, precision=precision, best=best)}\n"
     tex = to_latex(df, caption=f"{full_caption}", label=f"tab:{slug}", precision=precision, best=best)
+    missing = _not_run_mask(df)
     csv_frame = df.copy()
+    if missing.to_numpy().any():
+        def cell(v):
+            return f"{v:.10g}" if isinstance(v, float) and not math.isnan(v) else v
+        csv_frame = df.astype(object).map(cell).where(~missing, NOT_RUN)
+        for col in df.columns:
+            if isinstance(col, tuple) and col[-1] == "Δ":
+                csv_frame.loc[missing[col], col] = None
     csv_frame.columns = _flat_columns(df.columns, csv=True)
     csv = csv_frame.to_csv(index_label="method", float_format="%.10g", lineterminator="\n")
     atomic_write_text(out["md"], md)
