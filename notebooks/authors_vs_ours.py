@@ -50,8 +50,8 @@ for m in models:
         rankings = analysis.read_json(ours_path)
         results_file = analysis.results_path(ROOT, m, d)
         if results_file.is_file():
-            synthetic |= analysis.is_synthetic(analysis.read_json(results_file))
-        synthetic |= analysis.is_synthetic(rankings)
+            synthetic = synthetic or analysis.provenance(analysis.read_json(results_file))
+        synthetic = synthetic or analysis.provenance(rankings)
         names = list(rankings["classes"])
         # the authors' rule (as the evaluate stage): classes with fewer than n valid templates keep those
         ours = dict(zip(names, select_experts(rankings, n=n)))

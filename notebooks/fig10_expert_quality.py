@@ -59,6 +59,6 @@ for number, model in figures.items():
         ax.set_title(d)
         ax.legend(loc="upper right")
     fig.suptitle(plots.demo_title(f"Quality of the estimated templates ({paper.model_label(model)})",
-                                  analysis.is_synthetic(*docs.values())))
+                                  analysis.provenance(*docs.values())))
     plots.save_figure(fig, number, f"expert_quality_{model}", root=ROOT)
 means

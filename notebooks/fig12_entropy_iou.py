@@ -68,7 +68,7 @@ for number, (model, dataset) in figures.items():
     rankings = analysis.read_json(analysis.rankings_path(ROOT, model, dataset), what="rankings")
     pairs = analysis.metric_iou_pairs(rankings, analysis.per_template_iou(res))
     correlations[model, dataset] = analysis.metric_correlation(rankings, analysis.per_template_iou(res))["spearman"].mean()
-    title = plots.demo_title(title, analysis.is_synthetic(res))
+    title = plots.demo_title(title, analysis.provenance(res))
     plots.save_figure(draw(pairs, analysis.class_iou(res, "baseline"), title), number,
                       f"entropy_iou_{model}_{dataset}", root=ROOT)
 correlations
@@ -94,7 +94,7 @@ elif authors_fig12:
     if baseline_file.is_file():
         doc = analysis.read_json(baseline_file)
         # a synthetic baseline has nothing to do with the authors' numbers: no line then
-        baseline = None if analysis.is_synthetic(doc) else analysis.class_iou(doc, "baseline")
+        baseline = None if analysis.provenance(doc) else analysis.class_iou(doc, "baseline")
     fig = draw(analysis.metric_iou_pairs(rankings, iou), baseline, authors_title)
     plots.save_figure(fig, 12, "entropy_iou_authors", root=ROOT)
     print("Spearman(entropy, IoU), mean over classes:",

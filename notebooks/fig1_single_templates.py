@@ -68,7 +68,7 @@ if missing(fig1_model, fig1_dataset):
 else:
     res = analysis.load_results(ROOT, fig1_model, fig1_dataset)
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(res["methods"]["baseline"]["iou"])), 3.6))
-    summary = draw(ax, res, plots.demo_title(title, analysis.is_synthetic(res)))
+    summary = draw(ax, res, plots.demo_title(title, analysis.provenance(res)))
     ax.legend(loc="upper right")
 plots.save_figure(fig, 1, "single_templates", root=ROOT)
 summary
@@ -88,5 +88,5 @@ for number, model in appendix.items():
         else:
             draw(ax, doc, d)
     fig.suptitle(plots.demo_title(f"Individual templates vs average templates ({paper.model_label(model)})",
-                                  analysis.is_synthetic(*docs)))
+                                  analysis.provenance(*docs)))
     plots.save_figure(fig, number, f"single_templates_{model}", root=ROOT)

@@ -56,6 +56,6 @@ for ax, d in zip(axes[0], datasets):
     ax.set_title(d)
     ax.legend(loc="lower right")
 fig.suptitle(plots.demo_title(f"Effect of the number of images ({len(frame.seed.unique())} seeds)",
-                              analysis.is_synthetic(val.manifest)))
+                              analysis.provenance(val.manifest)))
 plots.save_figure(fig, 3, "low_data", root=ROOT)
 curves

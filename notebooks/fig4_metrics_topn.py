@@ -60,7 +60,7 @@ if run:
     stats = experiments.load_stats(ROOT, model, dataset)
     val = experiments.open_cache(ROOT, model, dataset, "val")
     res = analysis.load_results(ROOT, model, dataset)
-    synthetic = analysis.is_synthetic(res, val.manifest)
+    synthetic = analysis.provenance(res, val.manifest)
     ablation = experiments.metric_ablation(stats, val, val.class_names, metrics, n=n)
     if per_template:
         iou = analysis.per_template_iou(res)

@@ -60,7 +60,7 @@ if not run:
 if run:
     res = analysis.load_results(ROOT, model, dataset)
     val = experiments.open_cache(ROOT, model, dataset, "val")
-    synthetic = analysis.is_synthetic(res, val.manifest)
+    synthetic = analysis.provenance(res, val.manifest)
     names = val.class_names
     iou = torch.tensor(analysis.per_template_iou(res)[names].to_numpy(), dtype=torch.float64)
     base = torch.tensor(analysis.class_iou(res, "baseline")[names].to_numpy(), dtype=torch.float64)

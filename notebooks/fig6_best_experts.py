@@ -51,6 +51,6 @@ for ax, (m, res) in zip(axes[:, 0], docs.items()):
     summaries[m] = s
     plots.bar_gains(ax, list(s.index), s["gain"])
     ax.set_title(paper.model_label(m))
-fig.suptitle(plots.demo_title(f"Best class-expert vs W_CLIP — {dataset}", analysis.is_synthetic(*docs.values())))
+fig.suptitle(plots.demo_title(f"Best class-expert vs W_CLIP — {dataset}", analysis.provenance(*docs.values())))
 plots.save_figure(fig, 6, "best_experts", root=ROOT)
 {m: s["gain"].round(2).to_dict() for m, s in summaries.items()}

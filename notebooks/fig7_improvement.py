@@ -55,6 +55,6 @@ ax.set_xticks(x + width * (len(models) - 1) / 2, [paper.dataset_label(d) for d i
 ax.set_ylabel("Δ mIoU (FLOSS − model)")
 ax.legend(fontsize=7, ncol=2)
 title = "Performance boost with FLOSS" + (f"\n(not run: {', '.join(missing)})" if missing else "")
-ax.set_title(plots.demo_title(title, analysis.is_synthetic(*docs.values())), fontsize=9 if missing else None)
+ax.set_title(plots.demo_title(title, analysis.provenance(*docs.values())), fontsize=9 if missing else None)
 plots.save_figure(fig, 7, "improvement", root=ROOT)
 {f"{m}/{d}": round(v, 2) for (m, d), v in gain.items()}

@@ -58,7 +58,7 @@ if not run:
 if run:
     res = analysis.load_results(ROOT, model, dataset)
     val = experiments.open_cache(ROOT, model, dataset, "val")
-    synthetic = analysis.is_synthetic(res, val.manifest)
+    synthetic = analysis.provenance(res, val.manifest)
     experts = res["experts"]
     K = val.num_classes
     cmap = plt.get_cmap("tab20", max(K, 2))

@@ -38,7 +38,7 @@ ROOT = Path(root) if root else floss.paths.ROOT
 
 # %%
 results = {(m, d): analysis.results_or_none(ROOT, matrix, m, d) for m in models for d in datasets}
-synthetic = analysis.is_synthetic(*results.values())
+synthetic = analysis.provenance(*results.values())
 ours, not_run = {}, set()
 for m in models:
     for method, row in ((m, "baseline"), (f"{m}+floss", "floss")):

@@ -41,7 +41,7 @@ for m in models:
         if res is None:
             not_run |= {(m, d), (m, "avg")}
             continue
-        synthetic |= analysis.is_synthetic(res)
+        synthetic = synthetic or analysis.provenance(res)
         baseline = analysis.class_iou(res, "baseline")
         quality, mean = analysis.quality_per_class(res["experts"], analysis.per_template_iou(res), baseline,
                                                    list(baseline.index))

@@ -38,7 +38,7 @@ for m in models:
     ran_transfer = transfer is None or (m in transfer["models"])
     docs = {d: analysis.load_results(ROOT, m, d, kind="transfer")
             for d in transfer_datasets if ran_transfer and (transfer is None or d in transfer["datasets"])}
-    synthetic |= analysis.is_synthetic(cs, *docs.values())
+    synthetic = synthetic or analysis.provenance(cs, *docs.values())
     for method, key in (("baseline", m), ("floss", f"{m}+floss")):
         rows[key] = {**({"cityscapes": analysis.method_miou(cs, method)} if cs else {}),
                      **{d: analysis.method_miou(doc, method) for d, doc in docs.items()}}

@@ -35,7 +35,7 @@ ROOT = Path(root) if root else floss.paths.ROOT
 
 # %%
 docs = {m: analysis.results_or_none(ROOT, matrix, m, dataset) for m in models}
-synthetic = analysis.is_synthetic(*docs.values())
+synthetic = analysis.provenance(*docs.values())
 run = [f for f in fusions if evaluated_fusions is None or f in evaluated_fusions]
 ours = tables.frame_from_nested({m: {f: analysis.method_miou(docs[m], f"floss_{f}") for f in run} if docs[m] else {}
                                  for m in models}, rows=models, columns=fusions)

@@ -36,7 +36,7 @@ ROOT = Path(root) if root else floss.paths.ROOT
 parts, synthetic = [], False
 for backbone, model in backbones.items():
     docs = {d: analysis.results_or_none(ROOT, matrix, model, d) for d in datasets}
-    synthetic |= analysis.is_synthetic(*docs.values())
+    synthetic = synthetic or analysis.provenance(*docs.values())
     rows = [model, f"{model}+floss"]
     ours = tables.frame_from_nested({r: {d: analysis.method_miou(doc, "floss" if r != model else "baseline")
                                          for d, doc in docs.items() if doc} for r in rows}, rows=rows, columns=datasets)

@@ -13,7 +13,22 @@ from floss.models.maskclip import MaskCLIP
 from floss.models.naclip import NACLIP
 
 __all__ = ["DenseModel", "ImageFeatures", "ProtocolSettings", "settings_for", "register_model", "create_model",
-           "available_models", "authors_precision", "MaskCLIP", "CLIPDINOiser", "NACLIP"]
+           "available_models", "authors_precision", "OFFICIAL_WEIGHTS", "official_weights", "MaskCLIP", "CLIPDINOiser", "NACLIP"]
+
+
+#: the (backbone, weights) pairs the paper's numbers come from, as a cache fingerprint records them
+OFFICIAL_WEIGHTS = {
+    "maskclip": {("ViT-B-16", "tag:laion2b_s34b_b88k")},
+    "clipdinoiser": {("ViT-B-16", "tag:laion2b_s34b_b88k")},
+    "naclip": {("ViT-B-16-quickgelu", "tag:openai"), ("ViT-L-14-quickgelu", "tag:openai")},
+}
+
+
+def official_weights(model: str, backbone: str | None, weights: str | None) -> bool:
+    """Whether a cache of ``model`` (a registered name or a matrix key such as ``naclip_vitl14``) was extracted
+    with official weights (open_clip tags; a local file cannot be recognised and counts as other weights)."""
+    base = "naclip" if str(model).startswith("naclip") else model
+    return (backbone, weights) in OFFICIAL_WEIGHTS.get(base, set())
 
 
 def _no_checkpoint(model: str, checkpoint) -> None:

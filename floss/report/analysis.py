@@ -72,6 +72,27 @@ def results_or_none(root, matrix, model: str, dataset: str, kind: str = "eval") 
     return load_results(root, model, dataset, kind)
 
 
+#: the mark of outputs computed from weights other than the official ones (e.g. the test rehearsal's tiny models)
+OTHER_WEIGHTS_MARK = "weights other than the official ones; not the paper's numbers"
+
+
+def provenance(*documents: Mapping | None) -> bool | str:
+    """How outputs made from ``documents`` (results JSON, cache manifests) must be marked: ``True`` for the demo's
+    synthetic data, :data:`OTHER_WEIGHTS_MARK` when any was computed with unofficial weights, else ``False``.
+    ``tables.write_table(synthetic=...)`` and ``plots.demo_title`` take either."""
+    from floss.models import official_weights
+
+    if is_synthetic(*documents):
+        return True
+    for doc in documents:
+        if doc is None:
+            continue
+        fp = doc.get("fingerprint") or doc.get("config", {}).get("fingerprint")
+        if fp and not official_weights(fp.get("model", doc.get("model", "")), fp.get("backbone"), fp.get("weights")):
+            return OTHER_WEIGHTS_MARK
+    return False
+
+
 def is_synthetic(*documents: Mapping | None) -> bool:
     """True when any results/manifest document says ``"source": "synthetic"`` (the demo profile)."""
     return any(doc is not None and doc.get("source") == "synthetic" for doc in documents)

@@ -54,8 +54,11 @@ def use_style() -> None:
     matplotlib.rcParams.update(STYLE)
 
 
-def demo_title(title: str, synthetic: bool) -> str:
-    """``title`` with the synthetic-data mark when the figure is drawn from the demo data."""
+def demo_title(title: str, synthetic: bool | str) -> str:
+    """``title`` with the synthetic-data mark when the figure is drawn from the demo data (``True``), or with the
+    given mark (a str: floss.report.analysis.provenance)."""
+    if isinstance(synthetic, str) and synthetic:
+        return f"{title}\n({synthetic})"
     return f"{title}\n({DEMO_MARK})" if synthetic else title
 
 

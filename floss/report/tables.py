@@ -32,8 +32,11 @@ _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$",
 
 
 
-def demo_caption(caption: str, synthetic: bool) -> str:
-    """``caption`` with the synthetic-data mark appended when the numbers come from the demo data."""
+def demo_caption(caption: str, synthetic: bool | str) -> str:
+    """``caption`` with the synthetic-data mark appended when the numbers come from the demo data (``True``), or
+    with the given mark (a str, e.g. unofficial weights: floss.report.analysis.provenance)."""
+    if isinstance(synthetic, str) and synthetic:
+        return f"{caption} ({synthetic})"
     return f"{caption} ({DEMO_MARK}; not comparable with the paper)" if synthetic else caption
 
 
