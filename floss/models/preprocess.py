@@ -76,7 +76,7 @@ def stretch_image(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
         raise ValueError(f"size: expected two positive integers (h, w), received {size!r}")
     h, w = int(size[0]), int(size[1])
     out = Image.fromarray(np.ascontiguousarray(image)).resize((w, h), Image.Resampling.BICUBIC)
-    return np.asarray(out)
+    return np.array(out)          # a writable copy (torch.from_numpy warns on read-only arrays)
 
 
 def image_to_unit_tensor(image: np.ndarray, device: torch.device | str | None = None) -> torch.Tensor:
