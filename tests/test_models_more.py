@@ -481,3 +481,21 @@ def test_gem_448_transform_end_to_end(tmp_path, tiny_gem):
     ref = torch.softmax(50.0 * pp.resize_to(pp.resize_to(cos, (448, 448)), (30, 52)), dim=0)
     assert out.shape == (19, 30, 52) and (out - ref).abs().max() <= 1e-5
     assert torch.equal(out.argmax(0), ref.argmax(0))
+
+
+@pytest.mark.slow
+def test_cli_extract_and_rank_with_sclip(tmp_path):
+    """``floss extract --model sclip`` prompts NACLIP's 30 VOC20 query words; ``rank`` keys the unspaced names."""
+    from floss import cli
+    from floss.rankings import load_rankings
+    from layouts import make_dataset
+    root = make_dataset("pascalvoc20", tmp_path / "voc", n_train=1, n_val=0)
+    assert cli.main(["extract", "--model", "sclip", "--dataset", "pascalvoc20", "--split", "train", "--data-root",
+                     str(root), "--out", str(tmp_path / "f"), "--backbone", TINY_QUICKGELU, "--pretrained", "none",
+                     "--device", "cpu", "--dtype", "fp32"]) == 0
+    cache = FeatureCache(tmp_path / "f")
+    assert cache.settings == settings_for("sclip", "pascalvoc20")
+    assert (cache.query_names, list(cache.manifest["query_to_class"])) == query_names("pascalvoc20", "sclip")
+    assert cache[0].feats.shape[1:] == (32, 14, 14)                 # 224 windows on the 16-pixel tiny ViT
+    assert cli.main(["rank", "--features", str(tmp_path / "f"), "--out", str(tmp_path / "rk.json")]) == 0
+    assert list(load_rankings(tmp_path / "rk.json")["classes"]) == ranking_keys("pascalvoc20", "sclip")
