@@ -51,20 +51,25 @@ TRANSFORMS = {"clearclip": "gem", "gem": "gem_448"}
 
 
 def self_self_attention(block, y: torch.Tensor, iters: int = 1, temperature: float | None = None) -> torch.Tensor:
-    """GEM's self-self attention output ``out_proj(SS(y))`` [B, N, D] of ``block`` for ``y = LN1(x)`` [B, N, D]."""
+    """GEM's self-self attention output ``out_proj(SS(y))`` [B, N, D] of ``block`` for ``y = LN1(x)`` [B, N, D].
+
+    Each ``softmax(tau A A^T) M`` is a fused ``scaled_dot_product_attention(tau A, A, M, scale=1)`` (no N x N
+    map is materialised; about 2x faster than the explicit products on CPU, equal up to rounding), with the
+    q, k and v streams stacked along the batch axis."""
     q, k, v = qkv_heads(block, y)
-    if temperature is None:   # adaptive: mean token norm of this image (full width) times d_h^-1/2
-        tau = y.norm(dim=-1).mean(dim=-1)[:, None, None, None] * q.shape[-1] ** -0.5
+    B = q.shape[0]
+    if temperature is None:   # adaptive: mean token norm of each image (full width D) times d_h^-1/2
+        tau = (y.norm(dim=-1).mean(dim=-1) * q.shape[-1] ** -0.5)[:, None, None, None].repeat(3, 1, 1, 1)
+        tau = tau.to(q.dtype)     # fp16 runs: keep the attention inputs in one dtype
     else:
-        tau = temperature
-    out = torch.zeros_like(v)
-    for p in (q, k, v):
-        for _ in range(iters):
-            p = F.normalize(p, dim=-1)
-            p = (tau * (p @ p.transpose(-1, -2))).softmax(dim=-1) @ p
+        tau = float(temperature)
+    p = torch.cat((q, k, v))                          # [3B, heads, N, d_h]: P in (q, k, v)
+    for _ in range(iters):
         p = F.normalize(p, dim=-1)
-        out = out + (tau * (p @ p.transpose(-1, -2))).softmax(dim=-1) @ v
-    return block.attn.out_proj(merge_heads(out / 3))
+        p = F.scaled_dot_product_attention(tau * p, p, p, scale=1.0)
+    p = F.normalize(p, dim=-1)
+    out = F.scaled_dot_product_attention(tau * p, p, v.repeat(3, 1, 1, 1), scale=1.0)   # un-normalised v
+    return block.attn.out_proj(merge_heads((out[:B] + out[B:2 * B] + out[2 * B:]) / 3))
 
 
 class GEM(OpenClipDenseModel):
