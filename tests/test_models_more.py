@@ -499,3 +499,19 @@ def test_cli_extract_and_rank_with_sclip(tmp_path):
     assert cache[0].feats.shape[1:] == (32, 14, 14)                 # 224 windows on the 16-pixel tiny ViT
     assert cli.main(["rank", "--features", str(tmp_path / "f"), "--out", str(tmp_path / "rk.json")]) == 0
     assert list(load_rankings(tmp_path / "rk.json")["classes"]) == ranking_keys("pascalvoc20", "sclip")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 runs only on CUDA")
+@pytest.mark.parametrize("model,config", [("sclip", TINY_QUICKGELU), ("clearclip", TINY_QUICKGELU),
+                                          ("gem", TINY_DEEP)])
+def test_fp16_on_cuda_matches_fp32(tmp_path, model, config):
+    torch.manual_seed(0)
+    path = tmp_path / "tiny.pt"
+    torch.save(create_model(model, backbone=config, pretrained="none").clip.state_dict(), path)
+    m16 = create_model(model, backbone=config, pretrained=str(path), device="cuda", precision="fp16")
+    m32 = create_model(model, backbone=config, pretrained=str(path), device="cuda")
+    img = np.random.default_rng(6).integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    s = m32.protocol_settings("ade20k")
+    a, b = m16.extract(img, s), m32.extract(img, s)
+    assert a.feats.dtype == torch.float32 and a.feats.device.type == "cuda"
+    assert (a.feats * b.feats).sum(1).min() > 0.99                  # cosine of fp16 vs fp32 features
