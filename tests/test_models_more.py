@@ -147,7 +147,6 @@ def _far(a, b):
 # --------------------------------------------------------------------------------------- pos-embed rules
 @pytest.mark.parametrize("grid", [(3, 5), (6, 6), (2, 7)])
 def test_pos_embed_rules_differ_and_each_model_uses_its_own(tiny_sclip, tiny_clearclip, tiny_gem, grid):
-    rules = {}
     for model in (tiny_sclip, tiny_clearclip, tiny_gem):
         sd = model.visual.state_dict()
         rules = {"scale": scale_rule(sd, grid), "size": size_rule(sd, grid),
