@@ -8,6 +8,10 @@ Data typed from the protocol (FLOSS-protocol.md Appendix B, §1.6, §6):
 * NACLIP prompts the names with spaces removed (``trafficlight``); its rankings keys are those too. On VOC20 it
   prompts 30 query words: ``ship`` (boat), ``table`` (dining table), ``person`` + 6 synonyms and 5 words for
   ``tvmonitor``; class scores are the max over a class's query words.
+* SCLIP's class files are byte-identical to NACLIP's (OVSS-models-more §0): same queries and rankings keys.
+* ClearCLIP (and GEM, evaluated under ClearCLIP's re-run protocol) use the same unspaced names, but VOC20 has no
+  synonyms: one query per class (``person``, ``tvmonitor``), ``ship`` and ``table`` kept for boat / dining
+  table. Rankings keys: the unspaced names, as NACLIP.
 * The driving transfer sets (ACDC, BDD, Mapillary) use the Cityscapes names and the Cityscapes rankings.
 """
 from __future__ import annotations
@@ -85,7 +89,11 @@ TRANSFER_DATASETS: dict[str, str] = {name: "cityscapes" for name in (
 #: every dataset name known to :data:`CLASS_NAMES`
 DATASETS: tuple[str, ...] = RANKING_DATASETS + tuple(TRANSFER_DATASETS)
 #: the models whose class-name conventions are known; ``None`` in the functions = plain METAINFO names
-MODELS: tuple[str, ...] = ("maskclip", "clipdinoiser", "naclip")
+MODELS: tuple[str, ...] = ("maskclip", "clipdinoiser", "naclip", "sclip", "clearclip", "gem")
+#: models prompting (and keying their rankings with) the names without spaces
+UNSPACED_MODELS: tuple[str, ...] = ("naclip", "sclip", "clearclip", "gem")
+#: models whose VOC20 queries are NACLIP's synonym lines (the others of UNSPACED_MODELS: one word per class)
+VOC20_SYNONYM_MODELS: tuple[str, ...] = ("naclip", "sclip")
 
 _METAINFO = {"cityscapes": _CITYSCAPES, "pascalvoc20": _PASCALVOC20, "pascalco59": _PASCALCO59,
              "ade20k": _ADE20K, "cocostuff": _COCOSTUFF}
@@ -105,6 +113,12 @@ _NACLIP_VOC20_QUERIES = (
      "person in jacket"),
     ("pottedplant",), ("sheep",), ("sofa",), ("train",),
     ("television monitor", "tv monitor", "monitor", "television", "screen"),
+)
+
+# ClearCLIP's ``cls_voc20.txt`` (also GEM under ClearCLIP's re-run): no synonyms, boat/dining table renamed.
+_CLEARCLIP_VOC20_QUERIES = (
+    "aeroplane", "bicycle", "bird", "ship", "bottle", "bus", "car", "cat", "chair", "cow", "table", "dog", "horse",
+    "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )
 
 
@@ -138,20 +152,27 @@ def naclip_name(name: str) -> str:
     return name.replace(" ", "")
 
 
+def ranking_name(name: str, model: str | None = None) -> str:
+    """The rankings-JSON key of class ``name`` for ``model`` (unspaced for :data:`UNSPACED_MODELS`)."""
+    return naclip_name(name) if _check_model(model) in UNSPACED_MODELS else name
+
+
 def query_groups(dataset: str, model: str | None = None) -> list[tuple[str, ...]]:
     """Per class (class order), the query words the model prompts for it."""
     _check_dataset(dataset)
-    if _check_model(model) != "naclip":
+    if _check_model(model) not in UNSPACED_MODELS:
         return [(name,) for name in CLASS_NAMES[dataset]]
     if dataset == "pascalvoc20":
-        return [tuple(group) for group in _NACLIP_VOC20_QUERIES]
+        if model in VOC20_SYNONYM_MODELS:
+            return [tuple(group) for group in _NACLIP_VOC20_QUERIES]
+        return [(name,) for name in _CLEARCLIP_VOC20_QUERIES]
     return [(naclip_name(name),) for name in CLASS_NAMES[dataset]]
 
 
 def query_names(dataset: str, model: str | None = None) -> tuple[list[str], list[int]]:
     """``(queries, query_to_class)``: the Q prompted words and, for each, the index of its class.
 
-    MaskCLIP / CLIP-DINOiser (and ``model=None``): Q = K, identity map. NACLIP on VOC20: Q = 30.
+    MaskCLIP / CLIP-DINOiser (and ``model=None``): Q = K, identity map. NACLIP and SCLIP on VOC20: Q = 30.
     """
     queries: list[str] = []
     query_to_class: list[int] = []
@@ -166,7 +187,4 @@ def ranking_keys(dataset: str, model: str | None = None) -> list[str]:
 
     Transfer sets give the Cityscapes keys (they use the Cityscapes rankings file).
     """
-    names = CLASS_NAMES[rankings_dataset(dataset)]
-    if _check_model(model) == "naclip":
-        return [naclip_name(name) for name in names]
-    return list(names)
+    return [ranking_name(name, model) for name in CLASS_NAMES[rankings_dataset(dataset)]]

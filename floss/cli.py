@@ -53,7 +53,8 @@ def floss_version() -> str:
 
 # ------------------------------------------------------------------------------------------------ extract
 def _configure_extract(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="maskclip | clipdinoiser | naclip (or a registered model)")
+    p.add_argument("--model", required=True,
+                   help="maskclip | clipdinoiser | naclip | sclip | clearclip | gem (or a registered model)")
     p.add_argument("--dataset", required=True, help="dataset name, e.g. cityscapes, pascalvoc20, ade20k, acdc_night")
     p.add_argument("--split", required=True, choices=("train", "val"))
     p.add_argument("--data-root", required=True, type=Path, help="the dataset folder in its mmseg layout")
@@ -143,11 +144,11 @@ def _configure_rank(p: argparse.ArgumentParser) -> None:
 
 
 def rankings_keys(cache) -> list[str]:
-    """Class keys of the rankings JSON: NACLIP's files spell names without spaces (protocol §6)."""
-    from floss.classes import naclip_name
-    if str(cache.manifest["model"]).startswith("naclip"):
-        return [naclip_name(n) for n in cache.class_names]
-    return list(cache.class_names)
+    """Class keys of the rankings JSON: NACLIP-family files spell names without spaces (protocol §6)."""
+    from floss.classes import MODELS, ranking_name
+    model = str(cache.manifest["model"])
+    model = "naclip" if model.startswith("naclip") else model
+    return [ranking_name(n, model if model in MODELS else None) for n in cache.class_names]
 
 
 def run_rank(args: argparse.Namespace) -> int:

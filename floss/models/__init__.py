@@ -1,19 +1,25 @@
 """Dense open-vocabulary models behind one interface (:class:`DenseModel`) and a registry.
 
-``create_model("maskclip" | "clipdinoiser" | "naclip", backbone=None, pretrained=None, checkpoint=None,
-device="cpu", ...)`` builds a model; ``register_model(name, factory)`` adds a user's own. Each model's
-``extract(image, settings)`` applies the evaluation protocol of :func:`settings_for`.
+``create_model("maskclip" | "clipdinoiser" | "naclip" | "sclip" | "clearclip" | "gem", backbone=None,
+pretrained=None, checkpoint=None, device="cpu", ...)`` builds a model (GEM also takes ``depth``,
+``ss_attn_iter``, ``ss_attn_temp`` and ``transform="clearclip" | "gem"``); ``register_model(name, factory)``
+adds a user's own. Each model's ``extract(image, settings)`` applies the evaluation protocol of
+:func:`settings_for`.
 """
 from __future__ import annotations
 
 from floss.models.base import (DenseModel, ImageFeatures, ProtocolSettings, authors_precision, available_models,
                                create_model, register_model, settings_for)
+from floss.models.clearclip import ClearCLIP
 from floss.models.clipdinoiser import CLIPDINOiser
+from floss.models.gem import GEM
 from floss.models.maskclip import MaskCLIP
 from floss.models.naclip import NACLIP
+from floss.models.sclip import SCLIP
 
 __all__ = ["DenseModel", "ImageFeatures", "ProtocolSettings", "settings_for", "register_model", "create_model",
-           "available_models", "authors_precision", "OFFICIAL_WEIGHTS", "official_weights", "MaskCLIP", "CLIPDINOiser", "NACLIP"]
+           "available_models", "authors_precision", "OFFICIAL_WEIGHTS", "official_weights", "MaskCLIP", "CLIPDINOiser",
+           "NACLIP", "SCLIP", "ClearCLIP", "GEM"]
 
 
 #: the (backbone, weights) pairs the paper's numbers come from, as a cache fingerprint records them
@@ -50,6 +56,24 @@ def _naclip(backbone=None, pretrained=None, checkpoint=None, device="cpu", **kw)
     return NACLIP(backbone, pretrained, device=device, **kw)
 
 
+def _sclip(backbone=None, pretrained=None, checkpoint=None, device="cpu", **kw) -> SCLIP:
+    _no_checkpoint("sclip", checkpoint)
+    return SCLIP(backbone, pretrained, device=device, **kw)
+
+
+def _clearclip(backbone=None, pretrained=None, checkpoint=None, device="cpu", **kw) -> ClearCLIP:
+    _no_checkpoint("clearclip", checkpoint)
+    return ClearCLIP(backbone, pretrained, device=device, **kw)
+
+
+def _gem(backbone=None, pretrained=None, checkpoint=None, device="cpu", **kw) -> GEM:
+    _no_checkpoint("gem", checkpoint)
+    return GEM(backbone, pretrained, device=device, **kw)
+
+
 register_model("maskclip", _maskclip)
 register_model("clipdinoiser", _clipdinoiser)
 register_model("naclip", _naclip, authors_precision=NACLIP.authors_precision)
+register_model("sclip", _sclip, authors_precision=SCLIP.authors_precision)
+register_model("clearclip", _clearclip, authors_precision=ClearCLIP.authors_precision)
+register_model("gem", _gem, authors_precision=GEM.authors_precision)

@@ -16,13 +16,15 @@ from typing import Sequence
 
 import open_clip
 import torch
+import torch.nn.functional as F
 from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 
 from floss.models.base import DenseModel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["resolve_backbone", "resolve_weights", "load_open_clip", "OpenClipDenseModel", "PRECISIONS"]
+__all__ = ["resolve_backbone", "resolve_weights", "load_open_clip", "OpenClipDenseModel", "PRECISIONS", "qkv_heads",
+           "merge_heads"]
 
 PRECISIONS = ("fp32", "fp16")
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
@@ -128,6 +130,24 @@ def load_open_clip(backbone: str, pretrained: str, *, device="cpu", precision: s
     return model, open_clip.get_tokenizer(name), name
 
 
+def qkv_heads(block, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v [B, heads, N, d_h] of ``block.attn`` for ``ln_1``-ed batch-first tokens ``y`` [B, N, D].
+
+    The fused ``in_proj`` (weights and bias, rows in q|k|v order) is applied once; open_clip 3.x is NLD, so the
+    heads are split from the D axis (the authors' LND code splits the same axis)."""
+    B, N, D = y.shape
+    heads = block.attn.num_heads
+    qkv = F.linear(y, block.attn.in_proj_weight, block.attn.in_proj_bias)
+    q, k, v = qkv.reshape(B, N, 3, heads, D // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[B, heads, N, d_h] -> [B, N, heads * d_h] (the input of ``attn.out_proj``)."""
+    B, heads, N, d_h = x.shape
+    return x.transpose(1, 2).reshape(B, N, heads * d_h)
+
+
 class OpenClipDenseModel(DenseModel):
     """Shared open_clip plumbing: loading, text encoding, and the ViT embedding step with a given pos-embed."""
 
@@ -182,6 +202,20 @@ class OpenClipDenseModel(DenseModel):
         cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + pos_embed.to(x.dtype)
         return v.ln_pre(v.patch_dropout(x))
+
+    def window_grid(self, x: torch.Tensor) -> tuple[int, int]:
+        """Patch grid (gh, gw) of CLIP-normalised windows ``x`` [B, 3, h, w] (partial patches are dropped)."""
+        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        if min(grid) < 1:
+            raise ValueError(f"x: windows of {tuple(x.shape[-2:])} pixels are smaller than one "
+                             f"{self.patch_size}-pixel patch")
+        return grid
+
+    def patch_features(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """``ln_post`` on all tokens, ``@ proj``, CLS dropped, L2-normalised: [B, E, gh, gw] float32."""
+        feats = (self.visual.ln_post(tokens) @ self.visual.proj)[:, 1:].float()
+        feats = feats / feats.norm(dim=-1, keepdim=True)
+        return feats.reshape(tokens.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2)
 
     def run_blocks(self, x: torch.Tensor, stop: int) -> torch.Tensor:
         """Run ``resblocks[:stop]`` (batch-first tokens)."""

@@ -1,9 +1,9 @@
 """The plug-in point for dense models, the per-model protocol settings and the model registry.
 
 A dense model only supplies :meth:`DenseModel.encode_text` and :meth:`DenseModel.window_features`; the
-whole evaluation protocol (keep-ratio resize, sliding windows, optional padding, CLIP normalisation) is
-implemented once in :meth:`DenseModel.extract`, so a user's own model gets exactly the same treatment as
-MaskCLIP, CLIP-DINOiser and NACLIP.
+whole evaluation protocol (keep-ratio or stretched resize, sliding windows, optional padding, CLIP
+normalisation) is implemented once in :meth:`DenseModel.extract`, so a user's own model gets exactly the same
+treatment as MaskCLIP, CLIP-DINOiser, NACLIP, SCLIP, ClearCLIP and GEM.
 """
 from __future__ import annotations
 
@@ -23,27 +23,33 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ProtocolSettings", "settings_for", "ImageFeatures", "DenseModel", "register_model", "create_model",
     "available_models", "authors_precision", "KNOWN_DATASETS", "DRIVING_DATASETS", "PROTOCOLS", "SOFTMAX_STAGES",
+    "RESIZE_MODES",
 ]
 
 PROTOCOLS = ("authors", "paper")
 SOFTMAX_STAGES = ("window", "final")
+#: "keep_ratio": mmcv keep-ratio resize to ``scale = (long_max, short_max)`` (every segmentor's pipeline);
+#: "stretch_bicubic": GEM's library transform, PIL bicubic to exactly ``scale = (h, w)``, aspect ratio not kept
+RESIZE_MODES = ("keep_ratio", "stretch_bicubic")
 #: Cityscapes and the datasets of the paper's transfer table (evaluated with the Cityscapes classes)
 DRIVING_DATASETS = ("cityscapes", "bdd", "acdc_night", "acdc_fog", "acdc_rain", "acdc_snow", "mapillary")
 KNOWN_DATASETS = ("pascalvoc20", "pascalco59", "ade20k", "cocostuff") + DRIVING_DATASETS
 #: models with a protocol table (``settings_for``)
-PROTOCOL_MODELS = ("maskclip", "clipdinoiser", "naclip")
+PROTOCOL_MODELS = ("maskclip", "clipdinoiser", "naclip", "sclip", "clearclip", "gem", "gem_448")
 
 # CLIP-DINOiser dataset configs (shared by FLOSS's MaskCLIP): mmcv Resize scale per dataset
 _DINOISER_SCALES = {"cityscapes": (896, 448), "bdd": (1280, 448), "mapillary": (1920, 448),
                     **{f"acdc_{c}": (796, 448) for c in ("night", "fog", "rain", "snow")}}
 _FP16_WINDOW_DATASETS = ("ade20k", "cocostuff")
+# SCLIP's configs: Resize short side per dataset (default 336; the driving sets follow Cityscapes' 560)
+_SCLIP_SHORT_SIDE = {"cocostuff": 448, **{name: 560 for name in DRIVING_DATASETS}}
 
 
 @dataclass(frozen=True)
 class ProtocolSettings:
     """How one model is evaluated on one dataset (see docs/architecture.md)."""
 
-    scale: tuple[int, int]        # mmcv Resize(scale=(long_max, short_max), keep_ratio=True)
+    scale: tuple[int, int]        # keep_ratio: mmcv Resize(scale=(long_max, short_max)); stretch_bicubic: (h, w)
     crop: int | None              # sliding window size; None = whole image
     stride: int | None
     softmax_stage: str            # "window" (MaskCLIP, CLIP-DINOiser) | "final" (NACLIP)
@@ -54,6 +60,8 @@ class ProtocolSettings:
     protocol: str                 # "authors" | "paper"
     #: cosines rounded to fp16 before anything else (an fp16 model on CUDA: the authors' NACLIP, protocol §1.2)
     logits_fp16: bool = False
+    # optional (defaults omitted by to_dict, so settings stored before the field existed read back equal)
+    resize: str = "keep_ratio"    # one of RESIZE_MODES
 
     def __post_init__(self):
         if (not isinstance(self.scale, tuple) or len(self.scale) != 2
@@ -77,12 +85,18 @@ class ProtocolSettings:
                 raise ValueError(f"{name}: expected a bool, received {getattr(self, name)!r}")
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol: expected one of {PROTOCOLS}, received {self.protocol!r}")
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize: expected one of {RESIZE_MODES}, received {self.resize!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict (``scale`` as a list)."""
+        """Plain JSON-able dict (``scale`` as a list); optional fields at their default are left out, so caches
+        and fingerprints written before such a field existed stay valid."""
         d = dataclasses.asdict(self)
         d["scale"] = list(self.scale)
         d["logit_scale"] = float(self.logit_scale)
+        for f in dataclasses.fields(self):
+            if f.default is not dataclasses.MISSING and d[f.name] == f.default:
+                del d[f.name]
         return d
 
     @classmethod
@@ -96,7 +110,8 @@ class ProtocolSettings:
         required = [f.name for f in fields if f.default is dataclasses.MISSING]
         missing, unknown = sorted(set(required) - set(d)), sorted(set(d) - set(names))
         if missing or unknown:
-            raise ValueError(f"settings: expected exactly the keys {names}; missing {missing}, unknown {unknown}")
+            raise ValueError(f"settings: expected the keys {required} (optional: "
+                             f"{[n for n in names if n not in required]}); missing {missing}, unknown {unknown}")
         kw = dict(d)
         if isinstance(kw["scale"], list):   # JSON has no tuples
             kw["scale"] = tuple(kw["scale"])
@@ -118,6 +133,15 @@ def settings_for(model: str, dataset: str, protocol: str = "authors", precision:
 
     ``precision="fp16"`` (the model runs in fp16, e.g. the authors' NACLIP on CUDA): cosines are rounded to fp16
     and every upsampled window output is fp16 (their fp16 logits are interpolated in fp16), on every dataset.
+    The paper never ran SCLIP, ClearCLIP or GEM: for them ``"paper"`` equals ``"authors"`` except the fp16 cast.
+    All three take the softmax after the final resize (as NACLIP) with renormalised classifiers.
+
+    * sclip — SCLIP's configs: (2048, 336), COCO-Stuff (2048, 448), driving sets (2048, 560); 224/112 windows
+      on every dataset including VOC20; logit scale 40.
+    * clearclip — ClearCLIP's configs: (2048, 448); 448/224 windows, driving sets 224/224; logit scale 50.
+    * gem — ClearCLIP's re-run protocol (GEM ships no evaluation code): exactly ClearCLIP's settings.
+    * gem_448 — GEM's own library transform: PIL bicubic to 448x448 ignoring the aspect ratio
+      (``resize="stretch_bicubic"``), whole image, no sliding window; logit scale 50 as the re-run protocol.
     """
     if precision not in ("fp32", "fp16"):
         raise ValueError(f"precision: expected 'fp32' or 'fp16', received {precision!r}")
@@ -131,6 +155,18 @@ def settings_for(model: str, dataset: str, protocol: str = "authors", precision:
     authors = protocol == "authors"
     driving = dataset in DRIVING_DATASETS
     fp16 = (authors and dataset in _FP16_WINDOW_DATASETS) or precision == "fp16"
+    if model in ("sclip", "clearclip", "gem", "gem_448"):
+        resize = "keep_ratio"
+        if model == "sclip":
+            scale, crop, stride, logit_scale = (2048, _SCLIP_SHORT_SIDE.get(dataset, 336)), 224, 112, 40.0
+        elif model == "gem_448":
+            scale, crop, stride, logit_scale, resize = (448, 448), None, None, 50.0, "stretch_bicubic"
+        else:   # ClearCLIP, and GEM under ClearCLIP's re-run; Cityscapes windows do not overlap
+            scale, (crop, stride), logit_scale = (2048, 448), (224, 224) if driving else (448, 224), 50.0
+        return ProtocolSettings(scale=scale, crop=crop, stride=stride, softmax_stage="final",
+                                logit_scale=logit_scale, renormalize_experts=True, renormalize_fallback=True,
+                                window_fp16=fp16, protocol=protocol, resize=resize,
+                                logits_fp16=precision == "fp16")
     if model == "naclip" or (model == "maskclip" and not authors):
         scale = (2048, 560) if driving else (2048, 336)
         whole = model == "naclip" and dataset == "pascalvoc20"   # NACLIP's slide_crop=0 on VOC20
@@ -149,7 +185,7 @@ class ImageFeatures(NamedTuple):
 
     feats: torch.Tensor            # [Nw, D, gh, gw] float32, L2-normalised per patch
     boxes: np.ndarray              # [Nw, 4] int32 (y1, y2, x1, x2) in resized-image coordinates
-    resized_size: tuple[int, int]  # (h, w) after the keep-ratio resize
+    resized_size: tuple[int, int]  # (h, w) after the resize (keep-ratio or stretched)
     orig_size: tuple[int, int]     # (H, W) of the input image
 
 

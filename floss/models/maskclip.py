@@ -24,9 +24,13 @@ logger = logging.getLogger(__name__)
 __all__ = ["MaskCLIP", "maskclip_last_block", "resize_pos_embed_by_size"]
 
 
-def resize_pos_embed_by_size(cls_pos: torch.Tensor, patch_pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """[1 + gh*gw, D]: bicubic size-based resize of ``patch_pos`` [1, D, h0, w0] to ``grid``, CLS first."""
-    resized = F.interpolate(patch_pos, size=grid, mode="bicubic", align_corners=False)
+def resize_pos_embed_by_size(cls_pos: torch.Tensor, patch_pos: torch.Tensor, grid: tuple[int, int], *,
+                             antialias: bool = False) -> torch.Tensor:
+    """[1 + gh*gw, D]: bicubic size-based resize of ``patch_pos`` [1, D, h0, w0] to ``grid``, CLS first.
+
+    ``antialias=True`` is GEM's variant (timm's ``resample_abs_pos_embed``); it changes the values even when
+    upsampling."""
+    resized = F.interpolate(patch_pos, size=tuple(grid), mode="bicubic", align_corners=False, antialias=antialias)
     return torch.cat([cls_pos.reshape(1, -1).to(resized.dtype), resized.flatten(2)[0].T], dim=0)
 
 

@@ -6,6 +6,8 @@ Everything here reproduces mmcv/mmseg behaviour without depending on them:
   ``s = min(long_max / long_side, short_max / short_side)``, new size ``int(w*s + 0.5) x int(h*s + 0.5)``,
   ``cv2.resize`` with ``INTER_LINEAR`` on the uint8 image. The authors load BGR and swap to RGB after the
   resize; the resize works per channel, so resizing the RGB image gives the same bytes.
+* :func:`stretch_image` — GEM's ``torchvision.transforms.Resize((h, w), BICUBIC)`` on a PIL image: PIL's
+  bicubic filter (support widened when shrinking) to exactly (h, w), aspect ratio not kept.
 * :func:`image_to_unit_tensor`, :func:`pad_to_multiple`, :func:`normalize_clip` — ``/255`` to [0, 1], the
   CLIP-DINOiser zero padding (bottom/right, in [0, 1] space, before normalisation), OpenAI CLIP mean/std.
 * :func:`window_boxes` — mmseg ``slide_inference`` grid: ``n = max(H - c + s - 1, 0) // s + 1`` windows per
@@ -22,10 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from PIL import Image
 
 __all__ = [
-    "CLIP_MEAN", "CLIP_STD", "rescale_size", "resize_image", "image_to_unit_tensor", "pad_to_multiple",
-    "normalize_clip", "window_starts", "window_boxes", "merge_windows", "resize_to", "PreparedImage",
+    "CLIP_MEAN", "CLIP_STD", "rescale_size", "resize_image", "stretch_image", "image_to_unit_tensor",
+    "pad_to_multiple", "normalize_clip", "window_starts", "window_boxes", "merge_windows", "resize_to", "PreparedImage",
     "prepare_image",
 ]
 
@@ -65,6 +68,16 @@ def resize_image(image: np.ndarray, scale: Sequence[int]) -> np.ndarray:
     image = _check_image(image)
     new_h, new_w = rescale_size(image.shape[0], image.shape[1], scale)
     return cv2.resize(np.ascontiguousarray(image), (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+
+
+def stretch_image(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """uint8 (H, W, 3) -> exactly ``size = (h, w)`` with PIL bicubic (GEM's torchvision transform on PIL)."""
+    image = _check_image(image)
+    if len(size) != 2 or any(isinstance(v, bool) or int(v) != v or v <= 0 for v in size):
+        raise ValueError(f"size: expected two positive integers (h, w), received {size!r}")
+    h, w = int(size[0]), int(size[1])
+    out = Image.fromarray(np.ascontiguousarray(image)).resize((w, h), Image.Resampling.BICUBIC)
+    return np.array(out)          # a writable copy (torch.from_numpy warns on read-only arrays)
 
 
 def image_to_unit_tensor(image: np.ndarray, device: torch.device | str | None = None) -> torch.Tensor:
@@ -182,7 +195,10 @@ def prepare_image(image: np.ndarray, settings, pad_multiple: int | None = None) 
     The model-independent half of :meth:`floss.models.DenseModel.extract`; it runs in DataLoader workers so that
     decoding and resizing overlap with the encoder (:mod:`floss.extraction`)."""
     image = _check_image(image)
-    resized = resize_image(image, settings.scale)
+    if getattr(settings, "resize", "keep_ratio") == "stretch_bicubic":
+        resized = stretch_image(image, settings.scale)
+    else:
+        resized = resize_image(image, settings.scale)
     unit = image_to_unit_tensor(resized)
     h, w = resized.shape[:2]
     boxes = window_boxes(h, w, settings.crop, settings.stride)
