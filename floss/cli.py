@@ -55,9 +55,7 @@ def floss_version() -> str:
 def _configure_extract(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="maskclip | clipdinoiser | naclip | sclip | clearclip | gem (or a registered model)")
-    p.add_argument("--dataset", required=True, help="dataset name, e.g. cityscapes, pascalvoc20, ade20k, acdc_night")
-    p.add_argument("--split", required=True, choices=("train", "val"))
-    p.add_argument("--data-root", required=True, type=Path, help="the dataset folder in its mmseg layout")
+    _configure_images(p)
     p.add_argument("--out", required=True, type=Path, help="feature-cache folder (created; resumed if present)")
     _configure_model(p)
     p.add_argument("--limit", type=int, help="only the first N images (sorted ids)")
@@ -97,24 +95,21 @@ def load_model(args: argparse.Namespace, device):
 
 def run_extract(args: argparse.Namespace) -> int:
     from floss import distributed
-    from floss.classes import CLASS_NAMES, MODELS as NAMED_MODELS, query_names
-    from floss.datasets import open_dataset, resolve_name
     from floss.extraction import cache_fingerprint, extract_split, text_embeddings
 
-    dataset = resolve_name(args.dataset)
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit: expected a positive integer, received {args.limit}")
     ctx = distributed.context()
-    ds = open_dataset(dataset, args.data_root, args.split)          # checks the layout before any model work
+    source = ImageSource(args, labels=True, model=args.model)     # checks the layout before any model work
+    ds = source.ds
     ids = sorted(ds.ids)[:args.limit] if args.limit else sorted(ds.ids)
     device = distributed.device_for(args.device, ctx)
     model = load_model(args, device)
-    settings = model.protocol_settings(dataset, args.protocol)     # a plug-in model brings its own
-    queries, q2c = query_names(dataset, args.model if args.model in NAMED_MODELS else None)
-    text = text_embeddings(model, queries, cache_dir=args.text_cache)
-    meta = {"model": args.model, "dataset": dataset, "split": args.split, "class_names": list(CLASS_NAMES[dataset]),
-            "query_names": queries, "query_to_class": q2c, "settings": settings.to_dict()}
-    fingerprint = cache_fingerprint(model, args.model, dataset, args.split, settings, dtype=args.dtype,
+    settings = model.protocol_settings(source.settings_dataset, args.protocol)   # a plug-in model brings its own
+    text = text_embeddings(model, source.queries, cache_dir=args.text_cache)
+    meta = {"model": args.model, "dataset": source.dataset, "split": ds.split, "class_names": source.class_names,
+            "query_names": source.queries, "query_to_class": source.query_to_class, "settings": settings.to_dict()}
+    fingerprint = cache_fingerprint(model, args.model, source.dataset, ds.split, settings, dtype=args.dtype,
                                     limit=args.limit, pretrained=args.pretrained, checkpoint=args.checkpoint)
     distributed.init_process_group(ctx)
     extract_split(model, ds, args.out, ids=distributed.shard(ids, ctx), settings=settings, text=text, meta=meta,
@@ -133,34 +128,112 @@ def run_extract(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------------- rank
 def _configure_rank(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--features", required=True, type=Path, help="feature-cache folder (usually the train split)")
+    p.add_argument("--features", type=Path, help="source: a feature cache (floss extract), usually a train split")
+    p.add_argument("--model", help="source: rank straight from images with this model, no cache (with --dataset "
+                                   "and --data-root, or --images and --classes)")
+    _configure_images(p, split_default="train")
+    _configure_model(p)
+    p.add_argument("--protocol", choices=("authors", "paper"), default="authors")
     p.add_argument("--out", required=True, type=Path,
                    help="rankings JSON; with several --metric values it must contain '{metric}'")
     p.add_argument("--metric", nargs="+", default=["entropy"], choices=("entropy", "avgprob", "mano", "iti"))
+    p.add_argument("--n-experts", type=int, default=4, help="experts per class printed and written beside --out")
     p.add_argument("--stats-out", type=Path, help="also save the TemplateStats (safetensors)")
+    p.add_argument("--state", type=Path, help="images: resumable checkpoint folder (default: <out>.state/)")
     p.add_argument("--track-images", action="store_true", help="keep per-image records (for subset analyses)")
-    p.add_argument("--device")
     p.add_argument("--template-chunk", type=int, default=8, help="templates classified at once (memory)")
+
+
+def _configure_images(p: argparse.ArgumentParser, split_default: str | None = None) -> None:
+    p.add_argument("--dataset", help="a dataset of the paper in its mmseg layout (with --data-root)")
+    p.add_argument("--data-root", type=Path, help="the dataset folder in its mmseg layout")
+    p.add_argument("--split", choices=("train", "val"), default=split_default)
+    p.add_argument("--images", type=Path, help="your own images: a folder (nested folders allowed)")
+    p.add_argument("--classes", type=Path, help="with --images: class names, one per line ('name: syn1, syn2')")
+    p.add_argument("--labels", type=Path, help="with --images: <id>.png class-id labels (255 = ignore), optional")
+    p.add_argument("--settings-of", default="pascalco59",
+                   help="with --images: use the model's resize/window settings of this dataset (default pascalco59)")
+
+
+class ImageSource:
+    """The images a command reads: a dataset of the paper (``--dataset --data-root --split``) or a folder of the
+    user's own (``--images --classes [--labels]``), with its class names, query words and protocol dataset."""
+
+    def __init__(self, args: argparse.Namespace, *, labels: bool, model: str | None):
+        from floss.classes import CLASS_NAMES, MODELS as NAMED_MODELS, query_names, ranking_keys
+        from floss.datasets import open_dataset, resolve_name
+        from floss.datasets.folder import open_folder
+
+        named = model if model in NAMED_MODELS else None
+        if args.images is not None:
+            if args.dataset is not None:
+                raise ValueError("--images/--dataset: give one source, not both")
+            if args.classes is None:
+                raise ValueError("--classes: required with --images (one class name per line)")
+            self.ds = open_folder(args.images, args.classes, args.labels if labels else None)
+            self.dataset, self.settings_dataset = "folder", resolve_name(args.settings_of)
+            self.class_names = self.ds.class_names
+            self.queries, self.query_to_class = self.ds.query_names()
+            self.keys = list(self.class_names)
+        elif args.dataset is not None:
+            if args.data_root is None:
+                raise ValueError("--data-root: required with --dataset (the dataset folder in its mmseg layout)")
+            if args.split is None:
+                raise ValueError("--split: required with --dataset (train or val)")
+            self.dataset = self.settings_dataset = resolve_name(args.dataset)
+            self.ds = open_dataset(self.dataset, args.data_root, args.split, labels=labels)
+            self.class_names = list(CLASS_NAMES[self.dataset])
+            self.queries, self.query_to_class = query_names(self.dataset, named)
+            self.keys = ranking_keys(self.dataset, named)
+        else:
+            raise ValueError("source: give --dataset with --data-root, or --images with --classes")
 
 
 def rankings_keys(cache) -> list[str]:
     """Class keys of the rankings JSON: NACLIP-family files spell names without spaces (protocol §6)."""
     from floss.classes import MODELS, ranking_name
+    if cache.manifest["dataset"] == "folder":        # the user's own names, as written in the class file
+        return list(cache.class_names)
     model = str(cache.manifest["model"])
     model = "naclip" if model.startswith("naclip") else model
     return [ranking_name(n, model if model in MODELS else None) for n in cache.class_names]
 
 
 def run_rank(args: argparse.Namespace) -> int:
-    from floss.cache import FeatureCache
-    from floss.classes import rankings_dataset
-    from floss.protocol import rank_cache
     from floss.rankings import save_rankings
 
     metrics = list(dict.fromkeys(args.metric))
     if len(metrics) > 1 and "{metric}" not in str(args.out):
         raise ValueError(f"--out: with several metrics ({metrics}) the path must contain '{{metric}}', "
                          f"received {args.out}")
+    if (args.features is None) == (args.model is None):
+        raise ValueError("--features/--model: give a feature cache (--features) or a model to run on images "
+                         "(--model with --dataset/--data-root or --images/--classes), not both")
+    if args.features is not None:
+        st, keys, meta = _rank_from_cache(args, metrics)
+    else:
+        done = _rank_from_images(args, metrics)
+        if done is None:         # a torchrun rank other than 0
+            return 0
+        st, keys, meta = done
+    for metric in metrics:
+        rankings = st.rankings(keys, metric=metric, **meta)
+        path = Path(str(args.out).replace("{metric}", metric))
+        save_rankings(rankings, path, metric=metric)
+        logger.info("wrote %s rankings to %s", metric, path)
+    if args.stats_out:
+        st.save(args.stats_out)
+        logger.info("wrote template statistics to %s", args.stats_out)
+    _report_experts(st.rankings(keys, metric=metrics[0], **meta), metrics[0], args.n_experts,
+                    Path(str(args.out).replace("{metric}", metrics[0])))
+    return 0
+
+
+def _rank_from_cache(args: argparse.Namespace, metrics: list[str]):
+    from floss.cache import FeatureCache
+    from floss.classes import rankings_dataset
+    from floss.protocol import rank_cache
+
     cache = FeatureCache(args.features)
     st = rank_cache(cache, metrics=metrics, track_images=args.track_images, device=args.device,
                     template_chunk=args.template_chunk)
@@ -169,15 +242,53 @@ def run_rank(args: argparse.Namespace) -> int:
         dataset = rankings_dataset(m["dataset"])
     except ValueError:
         dataset = m["dataset"]
-    for metric in metrics:
-        rankings = st.rankings(rankings_keys(cache), metric=metric, model=m["model"], dataset=dataset, split=m["split"])
-        path = Path(str(args.out).replace("{metric}", metric))
-        save_rankings(rankings, path, metric=metric)
-        logger.info("wrote %s rankings to %s", metric, path)
-    if args.stats_out:
-        st.save(args.stats_out)
-        logger.info("wrote template statistics to %s", args.stats_out)
-    return 0
+    return st, rankings_keys(cache), {"model": m["model"], "dataset": dataset, "split": m["split"]}
+
+
+def _rank_from_images(args: argparse.Namespace, metrics: list[str]):
+    """Cache-free ranking (floss.extraction.rank_images): sharded over torchrun ranks, resumable (--state)."""
+    from floss import distributed
+    from floss.extraction import cache_fingerprint, rank_images, text_embeddings
+    from floss.stats import TemplateStats
+
+    source = ImageSource(args, labels=False, model=args.model)
+    ctx = distributed.context()
+    device = distributed.device_for(args.device, ctx)
+    model = load_model(args, device)
+    settings = model.protocol_settings(source.settings_dataset, args.protocol)
+    text = text_embeddings(model, source.queries, cache_dir=args.text_cache)
+    state_dir = args.state or Path(str(args.out).replace("{metric}", "all") + ".state")
+    fingerprint = {**cache_fingerprint(model, args.model, source.dataset, source.ds.split, settings, dtype="none",
+                                       pretrained=args.pretrained, checkpoint=args.checkpoint),
+                   "metrics": metrics, "world_size": ctx.world_size, "queries": source.queries}
+    distributed.init_process_group(ctx)
+    st = rank_images(model, source.ds, distributed.shard(sorted(source.ds.ids), ctx), settings, text,
+                     source.query_to_class, metrics=metrics, track_images=args.track_images,
+                     state=state_dir / f"rank{ctx.rank}.safetensors", fingerprint=fingerprint, workers=args.workers,
+                     template_chunk=args.template_chunk)
+    distributed.barrier()
+    if not ctx.is_main:
+        distributed.shutdown()
+        return None
+    for r in range(1, ctx.world_size):
+        st = st.merge(TemplateStats.load(state_dir / f"rank{r}.safetensors", device=st.device))
+    distributed.shutdown()
+    return st, source.keys, {"model": args.model, "dataset": source.dataset, "split": source.ds.split}
+
+
+def _report_experts(rankings: dict, metric: str, n: int, out: Path) -> None:
+    """Log each class's top-n experts (ids and prompts) and write them to ``<out stem>.experts.json``."""
+    from floss._io import atomic_write_json
+    from floss.rankings import select_experts
+    from floss.templates import IMAGENET_TEMPLATES
+
+    names = list(rankings["classes"])
+    experts = dict(zip(names, select_experts(rankings, n=n, metric=metric)))
+    path = out.with_name(out.stem + ".experts.json")
+    atomic_write_json(path, {"metric": metric, "n": n, "experts": experts})
+    for name, ids in experts.items():
+        logger.info("%s: %s", name, "; ".join(f"{t} {IMAGENET_TEMPLATES[t].format(name)!r}" for t in ids[:n]))
+    logger.info("wrote the top-%d experts per class to %s", n, path)
 
 
 # ----------------------------------------------------------------------------------------------- evaluate
