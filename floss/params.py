@@ -15,7 +15,25 @@ import yaml
 
 from floss import paths
 
-MODELS = ("maskclip", "naclip", "clipdinoiser", "naclip_vitl14")
+#: matrix keys -> (registered model, the official open_clip backbone, pretrained tag) the paper profile runs;
+#: ``<model>_vitl14`` is the same method on CLIP ViT-L/14 (Table 5)
+MATRIX_MODELS: dict[str, tuple[str, str, str]] = {
+    "maskclip": ("maskclip", "ViT-B-16", "laion2b_s34b_b88k"),
+    "clipdinoiser": ("clipdinoiser", "ViT-B-16", "laion2b_s34b_b88k"),
+    "naclip": ("naclip", "ViT-B-16-quickgelu", "openai"),
+    "naclip_vitl14": ("naclip", "ViT-L-14-quickgelu", "openai"),
+    "sclip": ("sclip", "ViT-B-16-quickgelu", "openai"),
+    "sclip_vitl14": ("sclip", "ViT-L-14-quickgelu", "openai"),
+    "clearclip": ("clearclip", "ViT-B-16-quickgelu", "openai"),
+    "gem": ("gem", "ViT-B-16-quickgelu", "openai"),
+    "gem_vitl14": ("gem", "ViT-L-14-quickgelu", "openai"),
+}
+MODELS = tuple(MATRIX_MODELS)
+
+
+def base_model(key: str) -> str:
+    """The registered model behind a matrix key (``naclip_vitl14`` is NACLIP on other weights); other names pass."""
+    return MATRIX_MODELS[key][0] if key in MATRIX_MODELS else key
 RANKING_DATASETS = ("cityscapes", "pascalvoc20", "pascalco59", "ade20k", "cocostuff")
 TRANSFER_DATASETS = ("acdc_night", "acdc_fog", "acdc_rain", "acdc_snow", "bdd", "mapillary")
 METRICS = ("entropy", "avgprob", "mano", "iti")
@@ -193,8 +211,8 @@ def _weights_problem(model: str, entry: Mapping) -> tuple[str, str] | None:
     from floss.models.backbone import resolve_backbone, resolve_weights
 
     key = f"extract.weights.{model}"
-    backbone = entry["backbone"] or ("ViT-B-16-quickgelu" if model.startswith("naclip") else "ViT-B-16")
-    pretrained = entry["pretrained"] or ("openai" if model.startswith("naclip") else "laion2b_s34b_b88k")
+    backbone = entry["backbone"] or MATRIX_MODELS[model][1]
+    pretrained = entry["pretrained"] or MATRIX_MODELS[model][2]
     if backbone.endswith(".json"):
         backbone = str(paths.from_root(backbone))
     if os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt")):

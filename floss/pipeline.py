@@ -31,7 +31,7 @@ import yaml
 
 from floss import paths
 from floss._io import atomic_write_json
-from floss.params import ParamsError, load_params, validate_params  # noqa: F401  (re-exported)
+from floss.params import ParamsError, base_model, load_params, validate_params  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ NOTEBOOK_PARAMS: dict[str, dict[str, str]] = {
                     "seeds": "oracle.seeds", "oracle_ns": "oracle.ns", "n": "evaluate.n_experts"},
     "qualitative": {"matrix": "models", "num_images": "qualitative.num_images", "data_root": "data_root"},
     "authors_vs_ours": {"matrix": "models", "n": "evaluate.n_experts"},
+    "beyond_six_models": {"matrix": "models"},
 }
 
 
@@ -130,11 +131,6 @@ def _extract_synthetic(params: Mapping, model: str, dataset: str, split: str, ou
             write_synthetic_cache(out, model, dataset, split, **kwargs)
         else:
             raise
-
-
-def base_model(model: str) -> str:
-    """The registered model behind a matrix key (``naclip_vitl14`` is NACLIP with other weights)."""
-    return "naclip" if model.startswith("naclip") else model
 
 
 def torchrun_command(params: Mapping, argv: list[str]) -> list[str] | None:

@@ -74,6 +74,12 @@ SYNTHETIC_MODELS: dict[str, _ModelKnobs] = {
     "clipdinoiser": _ModelKnobs("clipdinoiser", "openclip-vitb16", 0.18, 0.75),
     "naclip": _ModelKnobs("naclip", "openai-vitb16", 0.17, 0.95),
     "naclip_vitl14": _ModelKnobs("naclip", "openai-vitl14", 0.18, 0.85),
+    # beyond the paper: the OpenAI CLIP text tower of NACLIP (so the same planted experts), their own protocols
+    "sclip": _ModelKnobs("sclip", "openai-vitb16", 0.17, 1.0),
+    "sclip_vitl14": _ModelKnobs("sclip", "openai-vitl14", 0.16, 1.1),
+    "clearclip": _ModelKnobs("clearclip", "openai-vitb16", 0.175, 0.9),
+    "gem": _ModelKnobs("gem", "openai-vitb16", 0.17, 0.92),
+    "gem_vitl14": _ModelKnobs("gem", "openai-vitl14", 0.17, 0.95),
 }
 
 # per dataset: classes drawn per image, void (255) weight, image sizes (H, W) at original resolution

@@ -16,25 +16,23 @@ from floss.models.gem import GEM
 from floss.models.maskclip import MaskCLIP
 from floss.models.naclip import NACLIP
 from floss.models.sclip import SCLIP
+from floss.params import MATRIX_MODELS, base_model
 
 __all__ = ["DenseModel", "ImageFeatures", "ProtocolSettings", "settings_for", "register_model", "create_model",
            "available_models", "authors_precision", "OFFICIAL_WEIGHTS", "official_weights", "MaskCLIP", "CLIPDINOiser",
            "NACLIP", "SCLIP", "ClearCLIP", "GEM"]
 
 
-#: the (backbone, weights) pairs the paper's numbers come from, as a cache fingerprint records them
-OFFICIAL_WEIGHTS = {
-    "maskclip": {("ViT-B-16", "tag:laion2b_s34b_b88k")},
-    "clipdinoiser": {("ViT-B-16", "tag:laion2b_s34b_b88k")},
-    "naclip": {("ViT-B-16-quickgelu", "tag:openai"), ("ViT-L-14-quickgelu", "tag:openai")},
-}
+#: the (backbone, weights) pairs the published numbers come from, as a cache fingerprint records them
+OFFICIAL_WEIGHTS: dict[str, set[tuple[str, str]]] = {}
+for _key, (_base, _backbone, _tag) in MATRIX_MODELS.items():
+    OFFICIAL_WEIGHTS.setdefault(_base, set()).add((_backbone, f"tag:{_tag}"))
 
 
 def official_weights(model: str, backbone: str | None, weights: str | None) -> bool:
     """Whether a cache of ``model`` (a registered name or a matrix key such as ``naclip_vitl14``) was extracted
     with official weights (open_clip tags; a local file cannot be recognised and counts as other weights)."""
-    base = "naclip" if str(model).startswith("naclip") else model
-    return (backbone, weights) in OFFICIAL_WEIGHTS.get(base, set())
+    return (backbone, weights) in OFFICIAL_WEIGHTS.get(base_model(str(model)), set())
 
 
 def _no_checkpoint(model: str, checkpoint) -> None:

@@ -46,11 +46,13 @@ def load_results(root, model: str, dataset: str, kind: str = "eval") -> dict:
     return read_json(results_path(root, model, dataset, kind), what=f"results of {model}/{dataset} ({kind})")
 
 
-#: the matrix of the paper (what a notebook shows when it is run without the pipeline's parameters)
+#: the matrix of params.yaml's default (what a notebook shows when it runs without the pipeline's parameters)
 PAPER_MATRIX = {"maskclip": ["cityscapes", "pascalvoc20", "pascalco59", "ade20k", "cocostuff"],
                 "naclip": ["cityscapes", "pascalvoc20", "pascalco59", "ade20k", "cocostuff"],
                 "clipdinoiser": ["cityscapes", "pascalvoc20", "pascalco59", "ade20k", "cocostuff"],
-                "naclip_vitl14": ["cityscapes", "pascalco59"]}
+                "naclip_vitl14": ["cityscapes", "pascalco59"],
+                **{m: ["cityscapes", "pascalco59"] for m in ("sclip", "clearclip", "gem", "sclip_vitl14",
+                                                               "gem_vitl14")}}
 
 
 def ran(matrix: Mapping[str, Sequence[str]] | None, model: str, dataset: str) -> bool:

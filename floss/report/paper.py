@@ -14,7 +14,8 @@ import yaml
 
 #: display names of the model keys used throughout the pipeline
 MODEL_LABELS = {"maskclip": "MaskCLIP", "naclip": "NACLIP", "clipdinoiser": "CLIP-DINOiser",
-                "naclip_vitl14": "NACLIP (ViT-L/14)"}
+                "naclip_vitl14": "NACLIP (ViT-L/14)", "sclip": "SCLIP", "clearclip": "ClearCLIP", "gem": "GEM",
+                "sclip_vitl14": "SCLIP (ViT-L/14)", "gem_vitl14": "GEM (ViT-L/14)"}
 #: short dataset column names, as the paper's tables print them
 DATASET_LABELS = {"cityscapes": "CS", "pascalvoc20": "VOC20", "pascalco59": "PC59", "ade20k": "ADE",
                   "cocostuff": "Stuff", "acdc_night": "Night", "acdc_fog": "Fog", "acdc_rain": "Rain",
