@@ -82,14 +82,25 @@ def _check_confusion(confusion) -> torch.Tensor:
     return confusion
 
 
-def miou(confusion: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """``(iou [K] float64 in [0, 1] with NaN where the union is 0, mean over the non-NaN classes)``.
+#: the authors' per-template IoU epsilon (``EntropyMetric``: I / (U + 1e-10), protocol §5 and §9.12)
+PER_TEMPLATE_EPS = 1e-10
 
-    The mean is NaN when no class occurs at all.
+
+def miou(confusion: torch.Tensor, *, absent: str = "nan") -> tuple[torch.Tensor, float]:
+    """``(iou [K] float64 in [0, 1], mean IoU)`` of a confusion matrix.
+
+    ``absent="nan"`` (the main mIoU, mmseg's IoUMetric): a class absent from both ground truth and prediction has
+    NaN IoU and is left out of the mean, which is NaN when no class occurs at all. ``absent="zero"`` (the authors'
+    per-template IoU, ``EntropyMetric``): IoU = I / (U + 1e-10), so such a class counts 0 (protocol §9.12).
     """
+    if absent not in ("nan", "zero"):
+        raise ValueError(f"absent: expected 'nan' or 'zero', received {absent!r}")
     confusion = _check_confusion(confusion).double().cpu()
     intersection = confusion.diagonal()
     union = confusion.sum(dim=0) + confusion.sum(dim=1) - intersection
+    if absent == "zero":
+        iou = intersection / (union + PER_TEMPLATE_EPS)
+        return iou, float(iou.mean())
     iou = torch.where(union > 0, intersection / union.clamp(min=1), torch.full_like(union, math.nan))
     present = iou[~torch.isnan(iou)]
     return iou, float(present.mean()) if present.numel() else math.nan

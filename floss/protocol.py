@@ -300,8 +300,8 @@ def rank_cache(cache: FeatureCache, metrics: Sequence[str] = ("entropy",), track
     return st
 
 
-def _iou_dict(conf: torch.Tensor, class_names: Sequence[str]) -> dict:
-    iou, mean = miou(conf)
+def _iou_dict(conf: torch.Tensor, class_names: Sequence[str], absent: str = "nan") -> dict:
+    iou, mean = miou(conf, absent=absent)
     return {"miou": None if math.isnan(mean) else round(100.0 * float(mean), 4),
             "iou": {n: None if math.isnan(v) else 100.0 * float(v) for n, v in zip(class_names, iou.tolist())}}
 
@@ -392,7 +392,8 @@ def evaluate_cache(cache: FeatureCache, experts: Sequence[Sequence[int]] | None 
         methods.update({f"floss_{s}": _iou_dict(conf[f"floss_{s}"], names) for s in fusions})
     m = cache.manifest
     results = {"model": m["model"], "dataset": m["dataset"], "split": m["split"], "methods": methods,
-               "per_template": ({str(t): _iou_dict(conf["per_template"][t], names) for t in range(M)}
+               # per-template IoU as the authors' EntropyMetric computes it (absent classes count 0; §9.12)
+               "per_template": ({str(t): _iou_dict(conf["per_template"][t], names, absent="zero") for t in range(M)}
                                 if per_template else {}),
                "experts": [list(map(int, e)) for e in experts] if experts is not None else None,
                "config": {"protocol": settings.protocol, "fusions": fusions if experts is not None else [],

@@ -83,3 +83,16 @@ def test_meter_streams_and_merges():
 def test_bad_inputs_name_the_argument(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+def test_per_template_iou_counts_absent_classes_as_zero_like_the_authors():
+    """Main mIoU: a class absent from ground truth and prediction is NaN and left out; per-template IoU (the
+    authors' EntropyMetric, protocol §9.12): I / (U + 1e-10), so it counts 0."""
+    from floss.evaluation import miou
+    conf = torch.tensor([[3, 1, 0], [0, 2, 0], [0, 0, 0]])        # class 2 never occurs
+    iou, mean = miou(conf)
+    assert math.isnan(iou[2]) and mean == pytest.approx((3 / 4 + 2 / 3) / 2)
+    iou0, mean0 = miou(conf, absent="zero")
+    assert iou0[2] == 0.0 and iou0[0] == pytest.approx(3 / (4 + 1e-10)) and mean0 == pytest.approx((3 / 4 + 2 / 3) / 3)
+    with pytest.raises(ValueError, match="absent"):
+        miou(conf, absent="skip")
