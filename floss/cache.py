@@ -13,8 +13,9 @@ Why this shape: per-window features (not a window-averaged map) are what makes a
 the end-to-end output (OVSS-models §4: the softmax sits per window on the patch grid). Labels are cached so
 nothing after extraction needs the images.
 
-Precision: ``dtype=torch.float16`` (default) halves the disk size; it perturbs cosines by ~1e-3, which the
-softmax(100·) can turn into argmax flips at near ties. Use ``torch.float32`` for bit-level agreement tests.
+Precision: ``dtype=torch.float32`` (default) stores the features exactly as computed (the authors' numbers);
+``torch.float16`` halves the disk size but perturbs cosines by ~1e-3, which the softmax(100·) can turn into argmax
+flips at near ties (measured effect: README, "Feature-cache precision").
 Disk bytes per image = Nw·D·gh·gw·(2 | 4) + 16·Nw + H·W (label) + ~100 B of safetensors header, e.g.
 fp16 ViT-B/16 448-crops on Cityscapes: 3·512·28·28·2 + 2048·1024 = 4,505,888 B = 4.3 MiB measured (fp32:
 6.6 MiB; an ADE-sized 512×683 label: 2.6 MiB); see :meth:`FeatureCache.bytes_per_image`.
@@ -172,7 +173,7 @@ class CacheWriter:
 
     def __init__(self, path: str | os.PathLike, meta: Mapping, fingerprint: Mapping, text: torch.Tensor,
                  rank: int = 0, world_size: int = 1, images_per_shard: int = 256,
-                 dtype: torch.dtype = torch.float16):
+                 dtype: torch.dtype = torch.float32):
         missing = [k for k in META_KEYS if k not in meta]
         if missing:
             raise ValueError(f"meta: missing keys {missing}; expected {list(META_KEYS)}")

@@ -30,7 +30,7 @@ logger = logging.getLogger("floss.cli")
 #: name -> (help, configure(parser), run(args) -> int | None); see :func:`add_subcommand`
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int | None]]] = {}
 #: modules imported before parsing so that they can register their own subcommands
-EXTENSIONS: list[str] = ["floss.pipeline"]
+EXTENSIONS: list[str] = ["floss.pipeline", "floss.segment"]
 #: exceptions that mean bad input or environment: reported in one line, exit status 2
 USER_ERRORS = (ValueError, TypeError, KeyError, OSError, CacheError, ImportError)
 

@@ -306,6 +306,81 @@ def _iou_dict(conf: torch.Tensor, class_names: Sequence[str], absent: str = "nan
             "iou": {n: None if math.isnan(v) else 100.0 * float(v) for n, v in zip(class_names, iou.tolist())}}
 
 
+class Predictor:
+    """Per-pixel decisions at the original size of the baseline (W_CLIP) and of FLOSS (one per fusion) for cached
+    or freshly encoded images: the decision rules of protocol §2–§4, shared by evaluation and ``floss segment``.
+
+    ``text`` [M, Q, D] on the computation device; ``experts``: one template-id list per class (or None).
+    """
+
+    def __init__(self, text: torch.Tensor, settings, query_to_class: Sequence[int], num_classes: int,
+                 experts: Sequence[Sequence[int]] | None = None, fusions: Sequence[str] = ("highest",)):
+        self.settings, self.q2c, self.K = settings, list(query_to_class), num_classes
+        self.Q = text.shape[1]
+        self.fusions = list(dict.fromkeys(fusions))
+        if experts is not None and len(experts) != num_classes:
+            raise ValueError(f"experts: expected one template-id list per class ({num_classes} classes), "
+                             f"received {len(experts)}")
+        if experts is not None and not self.fusions:
+            raise ValueError("fusions: expected at least one fusion strategy with experts")
+        self.experts = experts
+        self.base_w = averaged_classifier(text, renormalize=True)[None]
+        self.floss_w = None
+        if experts is not None:
+            expert_w = expert_classifiers(text, expand_experts_to_queries(experts, self.q2c),
+                                          renormalize=settings.renormalize_experts)
+            fallback_w = averaged_classifier(text, renormalize=settings.renormalize_fallback)[None]
+            self.floss_w = torch.cat([expert_w, fallback_w])                      # [Q + 1, Q, D]
+
+    @property
+    def names(self) -> list[str]:
+        """The methods :meth:`bands` yields, in order."""
+        return ["baseline"] + ([f"floss_{s}" for s in self.fusions] if self.experts is not None else [])
+
+    def _argmax(self, scores: torch.Tensor) -> torch.Tensor:
+        return merge_queries(scores, self.q2c, self.K).argmax(dim=-3)
+
+    def bands(self, record: ImageRecord, renderer: "_Renderer"):
+        """Yield ``(method, (row0, row1), prediction [rows, W] int64)`` band by band at the original size."""
+        settings, Q, device = self.settings, self.Q, self.base_w.device
+        final = settings.softmax_stage == "final"
+        # baseline: softmax is monotone per pixel, so the argmax (and the synonym max) needs no softmax
+        maps = window_scores(record, self.base_w, settings, softmax=not final, device=device)[:, 0]
+        for a, b in renderer.bands(Q):
+            yield "baseline", (a, b), self._argmax(renderer.render(maps, (a, b), window_fp16=settings.window_fp16))
+        if self.floss_w is None:
+            return
+        fusions = self.fusions
+        paper = settings.protocol == "paper"
+
+        def fuse_all(window: torch.Tensor) -> torch.Tensor:   # [(Q+1)·Q, r, c] -> [S·Q, r, c]
+            window = window.reshape(Q + 1, Q, *window.shape[1:])
+            return torch.cat([fuse(window[:Q], window[Q], s) for s in fusions])
+
+        maps = window_scores(record, self.floss_w, settings, softmax=not (paper and final), device=device)
+        maps = maps.reshape(maps.shape[0], -1, *maps.shape[3:])
+        for a, b in renderer.bands(maps.shape[1], out_channels=len(fusions) * Q):
+            if paper:       # Eq. 7 at the final resolution on each expert's window-averaged map
+                band = renderer.render(maps, (a, b), window_fp16=settings.window_fp16)
+                band = band.reshape(Q + 1, Q, b - a, -1)
+                if final:
+                    band = torch.softmax(settings.logit_scale * band, dim=1)
+                band = torch.cat([fuse(band[:Q], band[Q], s) for s in fusions])
+            else:           # the authors: fusion per window at crop resolution (§4.1)
+                band = renderer.render(maps, (a, b), per_window=fuse_all, window_fp16=settings.window_fp16)
+            for i, s in enumerate(fusions):
+                yield f"floss_{s}", (a, b), self._argmax(band[i * Q:(i + 1) * Q])
+
+    def predict(self, record: ImageRecord) -> dict[str, torch.Tensor]:
+        """``{method: [H, W] int64}`` class maps of one image at its original size."""
+        renderer = _Renderer(record, "orig", self.base_w.device)
+        H, W = renderer.out_size
+        out = {name: torch.empty(H, W, dtype=torch.int64, device=self.base_w.device) for name in self.names}
+        for name, (a, b), pred in self.bands(record, renderer):
+            out[name][a:b] = pred
+        return out
+
+
 def evaluate_cache(cache: FeatureCache, experts: Sequence[Sequence[int]] | None = None,
                    fusions: Sequence[str] = ("highest",), per_template: bool = False, device=None,
                    progress: bool = True) -> dict:
@@ -319,19 +394,8 @@ def evaluate_cache(cache: FeatureCache, experts: Sequence[Sequence[int]] | None 
     M, Q, D = text.shape
     K, q2c = cache.num_classes, cache.query_to_class
     fusions = list(dict.fromkeys(fusions))
-    if experts is not None and len(experts) != K:
-        raise ValueError(f"experts: expected one template-id list per class ({K} classes of the cache), "
-                         f"received {len(experts)}")
-    if experts is not None and not fusions:
-        raise ValueError("fusions: expected at least one fusion strategy with experts")
-    base_w = averaged_classifier(text, renormalize=True)[None]
-    conf = {"baseline": torch.zeros(K, K, dtype=torch.int64, device=device)}
-    if experts is not None:
-        expert_w = expert_classifiers(text, expand_experts_to_queries(experts, q2c),
-                                      renormalize=settings.renormalize_experts)
-        fallback_w = averaged_classifier(text, renormalize=settings.renormalize_fallback)[None]
-        floss_w = torch.cat([expert_w, fallback_w])                           # [Q + 1, Q, D]
-        conf.update({f"floss_{s}": torch.zeros(K, K, dtype=torch.int64, device=device) for s in fusions})
+    predictor = Predictor(text, settings, q2c, K, experts, fusions)
+    conf = {name: torch.zeros(K, K, dtype=torch.int64, device=device) for name in predictor.names}
     if per_template:
         conf["per_template"] = torch.zeros(M, K, K, dtype=torch.int64, device=device)
     final = settings.softmax_stage == "final"
@@ -344,34 +408,13 @@ def evaluate_cache(cache: FeatureCache, experts: Sequence[Sequence[int]] | None 
         else:
             conf[name][index] += cm.to(device)
 
-    def fuse_all(maps: torch.Tensor) -> torch.Tensor:   # [(Q+1)·Q, r, c] -> [S·Q, r, c]
-        maps = maps.reshape(Q + 1, Q, *maps.shape[1:])
-        return torch.cat([fuse(maps[:Q], maps[Q], s) for s in fusions])
-
     for record in tqdm(cache, desc="evaluate", disable=None if progress else True):
         if record.label is None:
             raise CacheError(f"image {record.id!r} of {cache.root} has no label: evaluation needs a labelled split")
         label = record.label.to(device).long()
         renderer = _Renderer(record, "orig", device)
-        # baseline: softmax is monotone per pixel, so the argmax (and the synonym max) needs no softmax
-        maps = window_scores(record, base_w, settings, softmax=not final, device=device)[:, 0]
-        for a, b in renderer.bands(Q):
-            add("baseline", renderer.render(maps, (a, b), window_fp16=settings.window_fp16), label[a:b])
-        if experts is not None:
-            paper = settings.protocol == "paper"
-            maps = window_scores(record, floss_w, settings, softmax=not (paper and final), device=device)
-            maps = maps.reshape(maps.shape[0], -1, *maps.shape[3:])
-            for a, b in renderer.bands(maps.shape[1], out_channels=len(fusions) * Q):
-                if paper:       # Eq. 7 at the final resolution on each expert's window-averaged map
-                    band = renderer.render(maps, (a, b), window_fp16=settings.window_fp16)
-                    band = band.reshape(Q + 1, Q, b - a, -1)
-                    if final:
-                        band = torch.softmax(settings.logit_scale * band, dim=1)
-                    band = torch.cat([fuse(band[:Q], band[Q], s) for s in fusions])
-                else:           # the authors: fusion per window at crop resolution (§4.1)
-                    band = renderer.render(maps, (a, b), per_window=fuse_all, window_fp16=settings.window_fp16)
-                for i, s in enumerate(fusions):
-                    add(f"floss_{s}", band[i * Q:(i + 1) * Q], label[a:b])
+        for name, (a, b), pred in predictor.bands(record, renderer):
+            conf[name] += confusion_matrix(pred, label[a:b], K, ignore_index=IGNORE_INDEX).to(device)
         if per_template:
             chunk = 8
             for start in range(0, M, chunk):

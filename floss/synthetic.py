@@ -298,7 +298,10 @@ def write_synthetic_cache(out_dir: str | os.PathLike, model: str, dataset: str, 
                    "num_images": num_images, "feature_dim": feature_dim, "protocol": protocol,
                    "planted_per_class": planted_per_class, "generator_version": GENERATOR_VERSION}
     out = Path(out_dir)
-    with CacheWriter(out, meta, fingerprint, world.text, images_per_shard=images_per_shard) as writer:
+    # fp16 on disk: the generator works in float64, and rounding to fp16 makes the stored bytes the same on every
+    # CPU (a last-bit difference of a float64 operation cannot survive it)
+    with CacheWriter(out, meta, fingerprint, world.text, images_per_shard=images_per_shard,
+                     dtype=torch.float16) as writer:
         for i in range(num_images):
             record_id = f"{dataset}_{split}_{i:05d}"
             if writer.complete or record_id in writer.done_ids:

@@ -70,6 +70,25 @@ def test_rank_own_images_without_a_cache_equals_the_cached_path(folder, tmp_path
                      str(tmp_path / "direct.entropy.json"), "--out", str(tmp_path / "res.json")]) == 0
     res = json.loads((tmp_path / "res.json").read_text())
     assert set(res["methods"]["baseline"]["iou"]) == {"road", "car", "sky"}
+    # what FLOSS changes, as pictures: the masks are the evaluation's decisions
+    assert cli.main(["segment", "--model", "maskclip", *src, *MODEL, "--rankings", str(tmp_path / "direct.entropy.json"),
+                     "--out", str(tmp_path / "masks")]) == 0
+    from PIL import Image
+    from floss.cache import FeatureCache
+    from floss.protocol import Predictor
+    from floss.rankings import select_experts
+    cache = FeatureCache(tmp_path / "cache")
+    predictor = Predictor(cache.text, cache.settings, cache.query_to_class, 3,
+                          select_experts(load_rankings(tmp_path / "direct.entropy.json"), n=4))
+    for image_id in ("d", "street/a"):
+        maps = predictor.predict(cache[image_id])
+        for method, folder in (("baseline", "baseline"), ("floss_highest", "floss")):
+            png = np.array(Image.open(tmp_path / "masks" / folder / f"{image_id}.png"))
+            assert np.array_equal(png, maps[method].numpy()), (image_id, method)
+        strip = Image.open(tmp_path / "masks/side_by_side" / f"{image_id}.png")
+        assert strip.size[1] == png.shape[0] and strip.size[0] == 4 * png.shape[1] + 12
+    classes = json.loads((tmp_path / "masks/classes.json").read_text())
+    assert classes["1"]["name"] == "car" and len(classes["1"]["rgb"]) == 3
 
 
 def test_cache_free_ranking_resumes_with_identical_statistics(tmp_path, monkeypatch):
