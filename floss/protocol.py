@@ -46,6 +46,14 @@ def _interp_matrix(n_in: int, n_out: int, device: str) -> torch.Tensor:
     return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].T.contiguous()
 
 
+def _separable(rows: torch.Tensor, x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``rows · x · colsᵀ`` per channel of ``x [N, h, w]``; on CPU accumulated in float64 and rounded once, so the
+    bits do not depend on the GEMM kernel the CPU's instruction set selects."""
+    if x.device.type == "cpu":
+        return _rows_matmul(rows.double(), torch.matmul(x.double(), cols.double().T)).to(x.dtype)
+    return _rows_matmul(rows, torch.matmul(x, cols.T))
+
+
 def _rows_matmul(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``[r, h] x [N, h, w] -> [N, r, w]`` as one 2-D matmul (a broadcast batched matmul is far slower)."""
     n, h, w = x.shape
@@ -92,9 +100,10 @@ class _Renderer:
             count = torch.zeros(n_in, device=self.dev)
             for a, b in ivs:
                 count[a:b] += 1
-            up = _interp_matrix(n_grid, hi - lo, self.dev) / count[lo:hi, None]
+            # composed in float64 (exact weights, no GEMM-kernel dependence); render_composed keeps float64 on CPU
+            up = _interp_matrix(n_grid, hi - lo, self.dev).double() / count[lo:hi, None].double()
             final = (self.rows if axis == 0 else self.cols) if self.resize else torch.eye(n_in, device=self.dev)
-            self._composed[key] = final[:, lo:hi] @ up
+            self._composed[key] = final[:, lo:hi].double() @ up
         return self._composed[key]
 
     def fast_ok(self, maps: torch.Tensor) -> bool:
@@ -109,15 +118,17 @@ class _Renderer:
 
     def render_composed(self, maps: torch.Tensor, rows: tuple[int, int]) -> torch.Tensor:
         """Linear path (no per-window cast or fusion): sum over windows of A_w · P_w · B_wᵀ, A/B composed
-        from upsampling, count division (separable on a window grid) and final resize; equal up to rounding."""
+        from upsampling, count division (separable on a window grid) and final resize; equal up to rounding.
+        On CPU in float64, rounded once to float32: the same bits whatever BLAS kernel the CPU selects."""
         a, b = rows
         out = None
+        wide = torch.float64 if maps.device.type == "cpu" else torch.float32
         for (y1, y2, x1, x2), m in zip(self.boxes, maps):
-            A = self._axis_matrix((y1, y2), m.shape[-2], 0)[a:b]
-            B = self._axis_matrix((x1, x2), m.shape[-1], 1)
-            part = _rows_matmul(A, torch.matmul(m, B.T))
+            A = self._axis_matrix((y1, y2), m.shape[-2], 0)[a:b].to(wide)
+            B = self._axis_matrix((x1, x2), m.shape[-1], 1).to(wide)
+            part = _rows_matmul(A, torch.matmul(m.to(wide), B.T))
             out = part if out is None else out + part
-        return out
+        return out.to(maps.dtype)
 
     def bands(self, channels: int, out_channels: int | None = None, max_elements: int | None = None):
         """Output row ranges whose rendering stays within ``max_elements`` floats: ``channels`` per-window
@@ -154,7 +165,7 @@ class _Renderer:
             else:                        # a band of rows: the same weights as matrices, only those rows
                 uh = _interp_matrix(m.shape[-2], y2 - y1, self.dev)[ys0 - y1:ys1 - y1]
                 uw = _interp_matrix(m.shape[-1], x2 - x1, self.dev)
-                up = _rows_matmul(uh, torch.matmul(m, uw.T))                     # [N, ys1 - ys0, x2 - x1]
+                up = _separable(uh, m, uw)                                       # [N, ys1 - ys0, x2 - x1]
             if window_fp16:
                 up = up.half()
             if per_window is not None:
@@ -168,7 +179,7 @@ class _Renderer:
         canvas = canvas.float()
         if (a, b) == (0, self.out_size[0]):
             return F.interpolate(canvas[None], size=self.out_size, mode="bilinear", align_corners=False)[0]
-        return _rows_matmul(self.rows[a:b, r0:r1], torch.matmul(canvas, self.cols.T))
+        return _separable(self.rows[a:b, r0:r1], canvas, self.cols)
 
 
 def _device(device) -> torch.device:
@@ -187,9 +198,28 @@ def window_scores(record: ImageRecord, classifiers: torch.Tensor, settings, soft
         raise ValueError(f"classifiers: expected feature dimension D = {record.feats.shape[1]} (cache), received "
                          f"{classifiers.shape[2]}")
     device = _device(device) if device is not None else classifiers.device
-    feats = record.feats.to(device, torch.float32)
-    cos = torch.einsum("ndhw,cqd->ncqhw", feats, classifiers.to(device, torch.float32))
-    return torch.softmax(settings.logit_scale * cos, dim=2) if softmax else cos
+    cos = cosines(record.feats.to(device), classifiers.to(device))
+    if getattr(settings, "logits_fp16", False):        # an fp16 model's logits are fp16 values (protocol §1.2)
+        cos = cos.half().float()
+    return stable_softmax(settings.logit_scale * cos, dim=2) if softmax else cos
+
+
+def cosines(feats: torch.Tensor, classifiers: torch.Tensor) -> torch.Tensor:
+    """``[Nw, D, gh, gw] · [C, Q, D] -> [Nw, C, Q, gh, gw]`` float32.
+
+    On CPU the dot products are accumulated in float64 and rounded once to float32 — the correctly rounded fp32
+    cosine (up to a double rounding), so the result does not depend on which BLAS kernel the CPU's instruction
+    set selects (a float32 GEMM rounds differently on AVX2 and AVX-512 machines). On CUDA: a float32 GEMM."""
+    if feats.device.type == "cpu":
+        return torch.einsum("ndhw,cqd->ncqhw", feats.double(), classifiers.double()).float()
+    return torch.einsum("ndhw,cqd->ncqhw", feats.float(), classifiers.float())
+
+
+def stable_softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``exp(x − max) / Σ exp(x − max)`` as separate elementwise ops and one sum: the same bits on every CPU
+    (``torch.softmax``'s fused kernel rounds differently with the vector width of the instruction set)."""
+    e = torch.exp(x - x.amax(dim=dim, keepdim=True))
+    return e / e.sum(dim=dim, keepdim=True)
 
 
 def classify(record: ImageRecord, classifiers: torch.Tensor, settings, out: str = "orig", logits: bool = False,

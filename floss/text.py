@@ -141,8 +141,10 @@ def expert_classifiers(emb: torch.Tensor, experts: Sequence[Sequence[int]],
     for k, ids in enumerate(experts):
         ids = check_template_ids(f"experts[{k}]", ids, num_templates=num_templates)
         weights[k, ids] = 1.0 / len(ids)
-    # one matmul instead of K gathers: [E, M] x [M, Q*D]
-    out = (weights.to(emb.device, emb.dtype) @ emb.reshape(num_templates, -1)).reshape(len(experts), *emb.shape[1:])
+    # one matmul instead of K gathers: [E, M] x [M, Q*D], accumulated in float64 and rounded once (the same bits on
+    # every CPU, whatever GEMM kernel its instruction set selects)
+    wide = (weights.to(emb.device) @ emb.reshape(num_templates, -1).double()).to(emb.dtype)
+    out = wide.reshape(len(experts), *emb.shape[1:])
     return F.normalize(out, dim=-1) if renormalize else out
 
 
