@@ -114,7 +114,9 @@ def obtain_authors(dest: str | os.PathLike, *, url: str, local: str | os.PathLik
         try:
             fetch_authors(dest, url=url, local=source if kind == "local" else None, timeout=timeout)
         except (OSError, ValueError) as err:      # ConnectionError and FileNotFoundError are OSErrors
-            reasons.append(f"{kind} {source}: {err}")
+            # the download's own error (e.g. "Name or service not known") says more than the long URL
+            why = str(err.__cause__) if isinstance(err, ConnectionError) and err.__cause__ else str(err)
+            reasons.append(f"{kind} {source}: {why}")
             logger.warning("authors' data from %s %s unavailable: %s", kind, source, err)
             continue
         status = {"available": True, "source": f"{kind}:{source}", "reasons": reasons, "get_it": None}
@@ -143,7 +145,10 @@ def authors_status(root: str | os.PathLike) -> dict:
 def unavailable_note(status: Mapping) -> str:
     """One sentence for captions and titles: the data was unavailable, why (first reason), how to get it."""
     reason = (status.get("reasons") or ["unknown reason"])[-1]
-    return f"The authors' published data was unavailable ({reason.split(': ', 1)[-1][:160]}). To get it, " \
+    kind, _, rest = reason.partition(" ")
+    where = "the pinned URL" if kind == "url" else "the local folder" if kind == "local" else "the source"
+    why = rest.split(": ", 1)[-1]
+    return f"The authors' published data was unavailable ({where}: {why[:160]}). To get it, " \
            f"{status.get('get_it') or GET_IT}."
 
 

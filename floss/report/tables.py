@@ -86,14 +86,14 @@ def mark_not_run(df: pd.DataFrame, cells) -> pd.DataFrame:
 
 
 def _not_run_mask(df: pd.DataFrame) -> pd.DataFrame:
-    """True for the ours (and Δ) cells of rows/columns flagged "not run" in ``df.attrs``."""
+    """True for the cells of rows/columns flagged "not run" in ``df.attrs`` (every part but the paper's)."""
     mask = pd.DataFrame(False, index=df.index, columns=df.columns)
     for row, col in df.attrs.get("not_run", set()):
         if row not in df.index:
             continue
         for c in df.columns:
             head, part = (c[0], c[-1]) if isinstance(c, tuple) else (c, None)
-            if head == col and part in (None, "ours", "Δ"):
+            if head == col and part != "paper":
                 mask.loc[row, c] = True
     return mask
 
