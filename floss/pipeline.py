@@ -25,7 +25,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -405,26 +405,32 @@ def notebook_command(params: Mapping, name: str) -> str:
     return cmd
 
 
-def run_notebook(params: Mapping, name: str) -> None:
-    """Execute ``notebooks/<name>.py`` with papermill (kernel python3, cwd = repository root) in this process:
-    what :func:`notebook_command` does, without two extra interpreter start-ups per notebook."""
-    import jupytext
-    import papermill
+def run_notebooks(params: Mapping, names: Sequence[str] | None = None, workers: int = 2) -> None:
+    """Execute notebooks (default: all) with their parameters from ``params`` in ``workers`` warm kernels
+    (floss.report.run), writing ``reports/notebooks/<name>.ipynb``; raises naming every notebook that failed."""
+    from floss.report.run import execute_notebooks
 
-    values = notebook_parameters(params, name)
-    (paths.REPORTS / "notebooks").mkdir(parents=True, exist_ok=True)
-    for folder in (paths.TABLES, paths.FIGURES, paths.METRICS):
+    names = list(names or NOTEBOOK_PARAMS)
+    unknown = [n for n in names if n not in NOTEBOOK_PARAMS]
+    if unknown:
+        raise ValueError(f"notebook: expected names of {sorted(NOTEBOOK_PARAMS)}, received {unknown}")
+    for folder in (paths.TABLES, paths.FIGURES, paths.METRICS, paths.REPORTS / "notebooks"):
         folder.mkdir(parents=True, exist_ok=True)     # DVC deletes outs before a stage runs
-    if params.get("cpu_threads"):     # the kernel inherits them
-        os.environ.update(OMP_NUM_THREADS=str(params["cpu_threads"]), MKL_NUM_THREADS=str(params["cpu_threads"]))
-    logger.info("executing notebooks/%s.py with %s", name, values)
-    out = paths.REPORTS / "notebooks" / f"{name}.ipynb"
-    try:
-        papermill.execute_notebook(jupytext.read(paths.NOTEBOOKS / f"{name}.py"), str(out), parameters=values,
-                                   kernel_name="python3", language="python", log_output=True, progress_bar=False,
-                                   cwd=str(paths.ROOT))
-    except papermill.PapermillExecutionError as err:
-        raise RuntimeError(f"notebook {name}: {err.ename}: {err.evalue} (the executed notebook is {out})") from err
+    env = dict(os.environ)
+    if params.get("cpu_threads"):     # the kernels inherit them
+        env.update(OMP_NUM_THREADS=str(params["cpu_threads"]), MKL_NUM_THREADS=str(params["cpu_threads"]))
+    jobs = [(n, paths.NOTEBOOKS / f"{n}.py", paths.REPORTS / "notebooks" / f"{n}.ipynb", notebook_parameters(params, n))
+            for n in names]
+    logger.info("executing %d notebooks in %d kernels", len(jobs), min(workers, len(jobs)))
+    errors = {n: e for n, e in execute_notebooks(jobs, cwd=paths.ROOT, workers=workers, env=env).items() if e}
+    if errors:
+        raise RuntimeError("notebooks failed (executed notebooks in reports/notebooks/): "
+                           + "; ".join(f"{n}: {e}" for n, e in errors.items()))
+
+
+def run_notebook(params: Mapping, name: str) -> None:
+    """Execute one notebook in a kernel of its own (what ``python -m floss.pipeline notebook <name>`` does)."""
+    run_notebooks(params, [name], workers=1)
 
 
 def run_demo(targets: list[str] | None = None) -> int:
@@ -511,6 +517,18 @@ def _run_notebook(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_notebooks(p: argparse.ArgumentParser) -> None:
+    configure(p)
+    p.add_argument("names", nargs="*", choices=[[], *sorted(NOTEBOOK_PARAMS)], metavar="NAME",
+                   help="notebooks to run (default: all)")
+    p.add_argument("--workers", type=int, default=2, help="kernels executing notebooks in parallel")
+
+
+def _run_notebooks(args: argparse.Namespace) -> int:
+    run_notebooks(load_params(args.params), args.names or None, workers=args.workers)
+    return 0
+
+
 def _configure_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("targets", nargs="*", help="dvc repro targets (default: the whole pipeline)")
 
@@ -519,6 +537,8 @@ COMMANDS = {
     "stage": ("run one pipeline stage (what dvc.yaml calls)", _configure_stage, _run_stage),
     "check-params": ("validate params.yaml (every stage does it first)", configure, _run_check),
     "notebook": ("execute one notebook with its parameters from params.yaml", _configure_notebook, _run_notebook),
+    "notebooks": ("execute the notebooks (default: all) in warm kernels: the report stage", _configure_notebooks,
+                  _run_notebooks),
     "demo": ("dvc repro of the demo profile, then where the tables and figures are",
              _configure_demo, lambda a: run_demo(a.targets)),
 }

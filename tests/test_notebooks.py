@@ -3,29 +3,26 @@ synthetic root, and its outputs are checked against the results JSON they were m
 from __future__ import annotations
 
 import json
-import multiprocessing
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("papermill")
 import jupytext  # noqa: E402
-import nbformat  # noqa: E402
 import pandas as pd  # noqa: E402
-import papermill as pm  # noqa: E402
 from jupyter_client.kernelspec import NoSuchKernel, KernelSpecManager  # noqa: E402
 
+from floss.report.run import execute_notebooks  # noqa: E402
 from floss.report.tables import DEMO_MARK  # noqa: E402
 
 pytestmark = pytest.mark.slow
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 PAIRS = [("clipdinoiser", "cityscapes"), ("clipdinoiser", "pascalvoc20"), ("maskclip", "cityscapes"),
          ("naclip", "cityscapes")]
-WORKERS = 3   # notebooks run in parallel processes: most of their time is kernel start-up and imports
+WORKERS = 2   # warm kernels running the notebooks in parallel (2 cores)
 TRANSFER = [("clipdinoiser", "acdc_fog"), ("maskclip", "acdc_fog")]
 ALL = ["tab1_main_results", "tab2_expert_quality", "tab3_transfer", "tab4_fusion", "tab5_backbones",
        "fig1_single_templates", "fig3_low_data", "fig4_metrics_topn", "fig5_oracle", "fig6_best_experts",
@@ -65,19 +62,6 @@ def _ensure_kernel() -> None:
                        check=True, capture_output=True)
 
 
-def _execute(name: str, root: str, cwd: str) -> str | None:
-    """Run one notebook (jupytext .py -> ipynb -> papermill); the error text, or None on success."""
-    nb = jupytext.read(NOTEBOOKS / f"{name}.py")
-    src = Path(root) / "nb" / f"{name}.ipynb"
-    nbformat.write(nb, src)
-    try:
-        pm.execute_notebook(str(src), str(Path(root) / "reports" / f"{name}.ipynb"), kernel_name="python3",
-                            language="python", parameters={"root": root, **TINY[name]}, progress_bar=False, cwd=cwd)
-    except pm.PapermillExecutionError as err:
-        return f"{err.ename}: {err.evalue}"
-    return None
-
-
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory):
     """Build the tiny root once, run all 15 notebooks on it; returns (root, {notebook: error or None})."""
@@ -89,12 +73,13 @@ def executed(tmp_path_factory):
     (root / "reports").mkdir()
     offline = tmp_path_factory.mktemp("offline")
     shutil.copytree(root, offline, dirs_exist_ok=True, ignore=lambda d, names: ["authors"] if d.endswith("data") else [])
-    cwd = str(tmp_path_factory.mktemp("cwd"))   # notebooks must not depend on the working directory
-    # spawn: the parent has run torch (OpenMP threads), which a fork could deadlock on
-    with ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {name: pool.submit(_execute, name, str(root), cwd) for name in ALL}
-        futures.update({f"offline:{name}": pool.submit(_execute, name, str(offline), cwd) for name in OFFLINE})
-        errors = {name: f.result() for name, f in futures.items()}
+    cwd = tmp_path_factory.mktemp("cwd")   # notebooks must not depend on the working directory
+    # the pipeline's runner (papermill's parameter injection, warm kernels with namespaces reset in between)
+    jobs = [(name, NOTEBOOKS / f"{name}.py", root / "reports" / f"{name}.ipynb", {"root": str(root), **TINY[name]})
+            for name in ALL]
+    jobs += [(f"offline:{name}", NOTEBOOKS / f"{name}.py", offline / "reports" / f"{name}.ipynb",
+              {"root": str(offline), **TINY[name]}) for name in OFFLINE]
+    errors = execute_notebooks(jobs, cwd=cwd, workers=WORKERS)
     return root, errors, offline
 
 

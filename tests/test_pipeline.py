@@ -61,17 +61,16 @@ def test_every_stage_param_exists_and_params_validate():
             assert isinstance(key, str) and _has_key(PARAMS, key), f"stage {name}: params key {key!r} not in params.yaml"
 
 
-def test_notebook_stages_match_notebooks_and_their_params():
+def test_the_report_stage_runs_every_notebook_with_the_params_they_read():
     sources = {p.stem for p in paths.NOTEBOOKS.glob("*.py")}
-    stages = _stages()
+    report = _stages()["report"]
     assert sources == set(NOTEBOOK_PARAMS), "every notebook has exactly one parameter mapping"
+    assert report["cmd"] == "python -m floss.pipeline notebooks"
+    assert set(report["params"]) == {k for m in NOTEBOOK_PARAMS.values() for k in m.values()}
+    assert {f"notebooks/{name}.py" for name in sources} <= set(report["deps"])
+    # the executed notebooks (timings, absolute paths) are logs, not outs: dvc.lock stays machine-independent
+    assert not any(o.startswith("reports/") for o in _outs(report))
     for name in sources:
-        stage = stages[name]
-        assert stage["cmd"] == f"python -m floss.pipeline notebook {name}"
-        assert set(stage.get("params", [])) == set(NOTEBOOK_PARAMS[name].values()), name
-        assert f"notebooks/{name}.py" in stage["deps"]
-        # the executed notebook (timings, absolute paths) is a log, not an out: dvc.lock stays machine-independent
-        assert not any(o.startswith("reports/") for o in _outs(stage))
         declared = _notebook_parameters(name)
         assert set(NOTEBOOK_PARAMS[name]) <= set(declared), f"{name}: unknown papermill parameters"
 
@@ -114,20 +113,20 @@ def _written_patterns(name: str) -> list[tuple[str, tuple[str, ...]]]:
 
 def test_every_table_and_figure_a_notebook_writes_is_a_declared_out():
     stages = _stages()
+    report = stages["report"]
+    written = [o for o in _outs(report) if o.startswith(("tables/", "figures/"))]
+    patterns = [p for name in NOTEBOOK_PARAMS for p in _written_patterns(name)]
     for name in NOTEBOOK_PARAMS:
-        outs = _outs(stages[name])
-        written = [o for o in outs if o.startswith(("tables/", "figures/"))]
-        patterns = _written_patterns(name)
-        assert patterns, f"{name} writes no table or figure"
-        for pattern, exts in patterns:
-            for ext in exts:
-                assert any(re.fullmatch(f"{pattern}\\.{ext}", o) for o in written), \
-                    f"{name}: writes {pattern}.{ext} but dvc.yaml declares no such out"
-        for out in written:       # and nothing is declared that the notebook cannot write
-            assert any(re.fullmatch(f"{p}\\.({'|'.join(e)})", out) for p, e in patterns), f"{name}: {out}"
-        for out in written:       # small text/PNG outs live in git (README), not in the DVC cache
-            entry = next(o for o in stages[name]["outs"] if isinstance(o, dict) and out in o)
-            assert entry[out] == {"cache": False}
+        assert _written_patterns(name), f"{name} writes no table or figure"
+    for pattern, exts in patterns:
+        for ext in exts:
+            assert any(re.fullmatch(f"{pattern}\\.{ext}", o) for o in written), \
+                f"writes {pattern}.{ext} but dvc.yaml declares no such out"
+    for out in written:       # and nothing is declared that no notebook can write
+        assert any(re.fullmatch(f"{p}\\.({'|'.join(e)})", out) for p, e in patterns), out
+    for out in written:       # small text/PNG outs live in git (README), not in the DVC cache
+        entry = next(o for o in report["outs"] if isinstance(o, dict) and out in o)
+        assert entry[out] == {"cache": False}
     # after a pipeline run: every file in tables/ and figures/ belongs to a stage
     declared = set().union(*(_outs(s) for s in stages.values()))
     made = [p.relative_to(ROOT).as_posix() for d in (paths.TABLES, paths.FIGURES) if d.is_dir()
