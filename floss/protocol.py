@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from floss._argmax import per_template_confusion
 from floss.cache import CacheError, FeatureCache, ImageRecord
 from floss.evaluation import confusion_matrix, miou
 from floss.fusion import fuse
@@ -358,17 +359,8 @@ def evaluate_cache(cache: FeatureCache, experts: Sequence[Sequence[int]] | None 
                     band = renderer.render(maps, (a, b), per_window=fuse_all, window_fp16=settings.window_fp16)
                 for i, s in enumerate(fusions):
                     add(f"floss_{s}", band[i * Q:(i + 1) * Q], label[a:b])
-        if per_template:
-            chunk = 8
-            for start in range(0, M, chunk):
-                ids = list(range(start, min(start + chunk, M)))
-                maps = window_scores(record, text[ids], settings, softmax=not final, device=device)
-                maps = maps.reshape(maps.shape[0], -1, *maps.shape[3:])
-                for a, b in renderer.bands(maps.shape[1]):
-                    band = renderer.render(maps, (a, b), window_fp16=settings.window_fp16)
-                    band = band.reshape(len(ids), Q, b - a, -1)
-                    for j, t in enumerate(ids):
-                        add("per_template", band[j], label[a:b], index=t)
+        if per_template:   # exact shortcut of rendering every template's map (floss._argmax)
+            conf["per_template"] += per_template_confusion(record, text, settings, q2c, K, label, device)
 
     conf = {k: v.cpu() for k, v in conf.items()}
     names = cache.class_names
