@@ -39,6 +39,7 @@ from typing import Sequence
 import torch
 
 from floss._interp import bilinear_taps
+from floss._threads import map_single_threaded
 
 __all__ = ["per_template_confusion", "per_template_confusion_reference", "TAU_FP32", "TAU_FP16",
            "NEAR_TIE_FP32", "NEAR_TIE_FP16"]
@@ -305,13 +306,13 @@ class _Composed:
 
 
 def _renderer_values(flat: torch.Tensor, img: _Image, ch: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor,
-                     fp16: bool) -> torch.Tensor:
+                     fp16: bool, window_matrix: list[bool], final_matrix: bool) -> torch.Tensor:
     """Scores of channels ``ch`` at output pixels ``(ys, xs)`` (1-D, same length) with the renderer's arithmetic
     (module docstring, step 3); ``flat [Nw, C, gh, gw]`` window maps."""
     geo = img.geo
     rows, cols = geo.rows, geo.cols
     dev = flat.device
-    fin = img.final_matrix
+    fin = final_matrix
     rt, ct = rows.taps, cols.taps
     r_taps = (rt.i0.to(dev)[ys], rt.i1.to(dev)[ys])
     s_taps = (ct.i0.to(dev)[xs], ct.i1.to(dev)[xs])
@@ -325,7 +326,7 @@ def _renderer_values(flat: torch.Tensor, img: _Image, ch: torch.Tensor, ys: torc
                 if cover.numel() == 0:
                     continue
                 a, b = geo.window_ab[w]
-                m = img.window_matrix[w]
+                m = window_matrix[w]
                 u, v = rr[cover] - y1, ss[cover] - x1
                 wr, wc = rows.win[a], cols.win[b]
                 i0, i1 = wr.i0.to(dev)[u], wr.i1.to(dev)[u]
@@ -348,7 +349,8 @@ def _renderer_values(flat: torch.Tensor, img: _Image, ch: torch.Tensor, ys: torc
 
 
 def _repair(flat: torch.Tensor, img: _Image, q: int, k: int, groups, t_idx: torch.Tensor, ys: torch.Tensor,
-            xs: torch.Tensor, cls: torch.Tensor, fp16: bool) -> torch.Tensor:
+            xs: torch.Tensor, cls: torch.Tensor, fp16: bool, window_matrix: list[bool],
+            final_matrix: bool) -> torch.Tensor:
     """First-argmax class (renderer arithmetic) of pixels ``(t_idx, ys, xs)`` [n], among candidate classes
     ``cls [n, L]`` (-1 = none; the classes within ``δ`` of the composed top score)."""
     dev = flat.device
@@ -363,7 +365,8 @@ def _repair(flat: torch.Tensor, img: _Image, q: int, k: int, groups, t_idx: torc
         pair_pix = pix.repeat_interleave(counts)
         pair_c = pair_cls.repeat_interleave(counts)
         pair_q = torch.cat([qs[c] for c in pair_cls.tolist()]) if len(pair_cls) else pair_cls
-    vals = _renderer_values(flat, img, t_idx[pair_pix] * q + pair_q, ys[pair_pix], xs[pair_pix], fp16)
+    vals = _renderer_values(flat, img, t_idx[pair_pix] * q + pair_q, ys[pair_pix], xs[pair_pix], fp16,
+                            window_matrix, final_matrix)
     # class score = max over its queries; pixel class = first class with the largest score
     key = pair_pix * k + pair_c
     score = torch.full((n * k,), -math.inf, device=dev).scatter_reduce_(0, key, vals, "amax")
@@ -374,8 +377,9 @@ def _repair(flat: torch.Tensor, img: _Image, q: int, k: int, groups, t_idx: torc
 
 
 def _chunk_confusion(maps: torch.Tensor, img: _Image, groups, q2c: torch.Tensor, num_classes: int,
-                     fp16: bool) -> torch.Tensor:
-    """``[T, K, K]`` confusion matrices of the T templates whose window maps are ``maps [Nw, T, Q, gh, gw]``."""
+                     fp16: bool, window_matrix: list[bool], final_matrix: bool) -> torch.Tensor:
+    """``[T, K, K]`` confusion matrices of the T templates whose window maps are ``maps [Nw, T, Q, gh, gw]``;
+    ``window_matrix``/``final_matrix``: the renderer's kernels for this chunk (:meth:`_Image.arithmetic`)."""
     geo, dev = img.geo, maps.device
     nw, t, q, gh, gw = maps.shape
     k = num_classes
@@ -446,7 +450,7 @@ def _chunk_confusion(maps: torch.Tensor, img: _Image, groups, q2c: torch.Tensor,
         width = max(c.shape[1] for *_, c in near)
         tt, ys, xs = (torch.cat([x[i] for x in near]) for i in range(3))
         cls = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=-1) for *_, c in near])
-        fixed = _repair(flat, img, q, k, groups, tt, ys, xs, cls, fp16)
+        fixed = _repair(flat, img, q, k, groups, tt, ys, xs, cls, fp16, window_matrix, final_matrix)
         conf += torch.bincount((tt * k + img.gt[ys, xs]) * k + fixed, minlength=dump)
     return conf.view(t, k, k)
 
@@ -468,12 +472,29 @@ def per_template_confusion(record, text: torch.Tensor, settings, query_to_class:
     q2c = list(query_to_class)
     groups = None if q2c == list(range(k)) else [[i for i, c in enumerate(q2c) if c == j] for j in range(k)]
     q2c_t = torch.tensor(q2c, dtype=torch.long, device=device)
-    out = torch.zeros(m, k, k, dtype=torch.long, device=device)
-    for start in range(0, m, chunk):               # the renderer's template chunks: bit-identical window maps
+    # the renderer's template chunks (bit-identical window maps), computed here; chunks then run in parallel
+    chunks = []
+    for start in range(0, m, chunk):
         ids = list(range(start, min(start + chunk, m)))
-        maps = window_scores(record, text[ids], settings, softmax=not final, device=device)
-        img.arithmetic(len(ids) * q)
-        out[start:start + len(ids)] = _chunk_confusion(maps, img, groups, q2c_t, k, settings.window_fp16)
+        chunks.append((start, window_scores(record, text[ids], settings, softmax=not final, device=device)))
+    img.arithmetic(chunk * q)
+    last = (len(chunks[-1][1][0]) * q) if chunks else 0
+    arith = {chunk * q: (img.window_matrix, img.final_matrix)}
+    if last and last not in arith:
+        img.arithmetic(last)
+        arith[last] = (img.window_matrix, img.final_matrix)
+
+    img.geo.rows.composed, img.geo.cols.composed        # built once here, read by the workers
+
+    def run(item):
+        start, maps = item
+        wm, fm = arith[maps.shape[1] * q]
+        return start, _chunk_confusion(maps, img, groups, q2c_t, k, settings.window_fp16, wm, fm)
+
+    out = torch.zeros(m, k, k, dtype=torch.long, device=device)
+    workers = None if torch.device(device).type == "cpu" else 1
+    for start, conf in map_single_threaded(run, chunks, workers):
+        out[start:start + conf.shape[0]] = conf
     return out
 
 

@@ -27,6 +27,7 @@ import torch
 from floss._checks import check_probabilities, check_tensor, check_finite
 from floss._fused import SoftCounts, entropy_scores, first_argmax, mano_branch, mano_scores
 from floss._interp import RowUpsampler
+from floss._threads import map_single_threaded
 from floss.metrics_registry import (available_metrics, entropy_score, get_metric, mano_score,  # noqa: F401
                                     register_metric)
 
@@ -228,15 +229,18 @@ class TemplateStats:
         rows_per = min(out_h, max(MIN_ROWS, CHUNK_ELEMENTS // (row_elems * m)))
         m_chunk = max(1, min(m, CHUNK_ELEMENTS // (row_elems * rows_per)))
         block = rows_per * m_chunk * row_elems
-        q_buf = torch.empty(block, dtype=work, device=dev)
-        tmp = torch.empty(block, dtype=work, device=dev)
-        key_buf = torch.empty(block, dtype=torch.int64 if work == torch.float64 else torch.int32, device=dev)
-        fixed, vals = None, None
+        fixed = None
         if "mano" in self._pixel_metrics:
             fixed = mano_branch(k, normalized, None if normalized else float(probs.amax()))
-        for t0 in range(0, m, m_chunk):
+        n_val = len(specs) + 1
+
+        def chunk(t0: int) -> None:   # templates t0 .. t0 + m_chunk: disjoint slices of acc / soft counts
             t1 = min(m, t0 + m_chunk)
             mc = t1 - t0
+            q_buf = torch.empty(block, dtype=work, device=dev)
+            tmp = torch.empty(block, dtype=work, device=dev)
+            key_buf = torch.empty(block, dtype=torch.int64 if work == torch.float64 else torch.int32, device=dev)
+            vals = None
             # fp16 canvases are read in fp32 (the authors compute the entropy in fp32)
             src = RowUpsampler(probs[t0:t1].to(work).reshape(mc * k, h, w), size, cache_elements=2 * CHUNK_ELEMENTS)
             for r0 in range(0, out_h, rows_per):
@@ -250,7 +254,7 @@ class TemplateStats:
                 # one scatter_add of [1 (count), score_1, ...] per pixel along the class dim of a float64
                 # [n + 1, R, m_c, K] table (counts are exact integers in float64), summed over the block's rows
                 if vals is None or vals.shape[1:3] != (nr, mc):
-                    vals = torch.empty(len(specs) + 1, nr, mc, out_w, dtype=torch.float64, device=dev)
+                    vals = torch.empty(n_val, nr, mc, out_w, dtype=torch.float64, device=dev)
                     vals[0].fill_(1.0)
                 for j, spec in enumerate(specs):
                     if spec.name == "avgprob":  # max_j q_j
@@ -262,11 +266,14 @@ class TemplateStats:
                     else:
                         score = spec.pixel_score(q)
                     vals[j + 1].copy_(score.view(nr, mc, out_w))
-                table = torch.zeros(len(specs) + 1, nr, mc, k, dtype=torch.float64, device=dev)
-                table.scatter_add_(3, pred.unsqueeze(0).expand(len(specs) + 1, -1, -1, -1), vals)
+                table = torch.zeros(n_val, nr, mc, k, dtype=torch.float64, device=dev)
+                table.scatter_add_(3, pred.unsqueeze(0).expand(n_val, -1, -1, -1), vals)
                 acc[:, t0:t1] += table.sum(1)
                 if soft is not None:
                     soft.add(pred, t0, rows)
+
+        # template chunks are independent: worker threads with single-threaded ops (floss._threads)
+        map_single_threaded(chunk, range(0, m, m_chunk), None if dev.type == "cpu" else 1)
         counts = acc[0].round().to(torch.int64)
         return counts, acc[1:], (None if soft is None else soft.sums())
 
