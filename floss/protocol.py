@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from floss._argmax import per_template_confusion
+from floss._interp import matrix_upsample_rows
 from floss.cache import CacheError, FeatureCache, ImageRecord
 from floss.evaluation import confusion_matrix, miou
 from floss.fusion import fuse
@@ -153,9 +154,8 @@ class _Renderer:
                 up = F.interpolate(m[None], size=(y2 - y1, x2 - x1), mode="bilinear", align_corners=False)[0]
                 up = up[:, ys0 - y1:ys1 - y1]   # (bit-identical to mmseg's resize)
             else:                        # a band of rows: the same weights as matrices, only those rows
-                uh = _interp_matrix(m.shape[-2], y2 - y1, self.dev)[ys0 - y1:ys1 - y1]
-                uw = _interp_matrix(m.shape[-1], x2 - x1, self.dev)
-                up = _rows_matmul(uh, torch.matmul(m, uw.T))                     # [N, ys1 - ys0, x2 - x1]
+                # (= _rows_matmul(uh[rows], m @ uwᵀ) bit for bit, without the dense products)
+                up = matrix_upsample_rows(m, (y2 - y1, x2 - x1), slice(ys0 - y1, ys1 - y1))
             if window_fp16:
                 up = up.half()
             if per_window is not None:
