@@ -29,6 +29,10 @@ matrices (80·19·1024·2048 = 3.2e9 at Cityscapes size); that is what made it s
    ``δ`` cannot win or tie. Remaining difference: MKL splits the renderer's long column dot products (K = the
    resized width) into blocks, and in the few output columns whose two taps straddle a block boundary
    (~5 of 2048) it rounds the two products separately; an argmax there can differ only at an exact tie.
+
+Non-grid window layouts, small fp32 images (which the renderer draws with its composed-matrix shortcut,
+``_Renderer.fast_ok``) and tiny sizes where ``F.interpolate`` does not compute the two-tap formulas (checked on
+a probe per geometry) take the reference loop (:func:`per_template_confusion_reference`).
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ import math
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from floss._interp import bilinear_taps
 from floss._threads import map_single_threaded
@@ -144,6 +149,23 @@ def _geometry(boxes: tuple, resized: tuple[int, int], orig: tuple[int, int], gri
     return _Geometry(boxes, resized, orig, grid)
 
 
+@functools.lru_cache(maxsize=64)
+def _f_interpolate_is_two_tap(in_hw: tuple[int, int], out_hw: tuple[int, int]) -> bool:
+    """Whether ``F.interpolate`` (bilinear, float32, CPU) computes this resize as width pass then height pass of
+    ``fma(x0, w0, x1·w1)`` (:func:`_lerp`), checked on a random probe. True at protocol sizes; PyTorch takes
+    another code path for tiny widths (``floss._interp``), where the shortcut defers to the reference loop."""
+    x = torch.rand(1, 2, *in_hw, generator=torch.Generator().manual_seed(0))
+    ref = F.interpolate(x, size=out_hw, mode="bilinear", align_corners=False)[0]
+    rt = _Taps(*bilinear_taps(out_hw[0], in_hw[0])) if out_hw[0] != in_hw[0] else None
+    ct = _Taps(*bilinear_taps(out_hw[1], in_hw[1])) if out_hw[1] != in_hw[1] else None
+    y = x[0]
+    if ct is not None:
+        y = _lerp(y[..., ct.i0], ct.w0, y[..., ct.i1], ct.w1, False)
+    if rt is not None:
+        y = _lerp(y[:, rt.i0], rt.w0.view(-1, 1), y[:, rt.i1], rt.w1.view(-1, 1), False)
+    return bool(torch.equal(y, ref))
+
+
 # ------------------------------------------------------------------------------------------ arithmetic
 def _lerp(a: torch.Tensor, w0: torch.Tensor, b: torch.Tensor, w1: torch.Tensor, matrix: bool,
           out: torch.Tensor | None = None) -> torch.Tensor:
@@ -218,6 +240,16 @@ class _Image:
                               for b in self.geo.boxes]
         first = next(iter(self.renderer.bands(channels)))
         self.final_matrix = self.renderer.resize and first != (0, self.renderer.out_size[0])
+
+    def replicable(self) -> bool:
+        """Whether the ``F.interpolate`` steps the renderer takes (per :meth:`arithmetic`) are the two-tap
+        formulas replicated in :func:`_renderer_values` at this geometry."""
+        gh, gw = self.geo.grid
+        for (y1, y2, x1, x2), m in zip(self.geo.boxes, self.window_matrix):
+            if not m and not _f_interpolate_is_two_tap((gh, gw), (y2 - y1, x2 - x1)):
+                return False
+        r = self.renderer
+        return self.final_matrix or not r.resize or _f_interpolate_is_two_tap((r.h, r.w), r.out_size)
 
 
 def _super_grid(maps: torch.Tensor, geo: _Geometry) -> torch.Tensor:
@@ -466,7 +498,9 @@ def per_template_confusion(record, text: torch.Tensor, settings, query_to_class:
     k = num_classes
     final = settings.softmax_stage == "final"
     img = _Image(record, label, k, device)
-    if not img.geo.grid_ok:
+    # non-grid layouts, and small images the renderer draws with its composed-matrix shortcut (fp32 only;
+    # cheap to render, and its rounding is not the canvas arithmetic replicated here): the reference loop
+    if not img.geo.grid_ok or (not settings.window_fp16 and img.renderer.fast_ok(record.feats)):
         return per_template_confusion_reference(record, text, settings, query_to_class, num_classes, label,
                                                 device, chunk)
     q2c = list(query_to_class)
@@ -477,12 +511,15 @@ def per_template_confusion(record, text: torch.Tensor, settings, query_to_class:
     for start in range(0, m, chunk):
         ids = list(range(start, min(start + chunk, m)))
         chunks.append((start, window_scores(record, text[ids], settings, softmax=not final, device=device)))
-    img.arithmetic(chunk * q)
-    last = (len(chunks[-1][1][0]) * q) if chunks else 0
-    arith = {chunk * q: (img.window_matrix, img.final_matrix)}
-    if last and last not in arith:
-        img.arithmetic(last)
-        arith[last] = (img.window_matrix, img.final_matrix)
+    arith = {}
+    for _, maps in chunks:
+        channels = maps.shape[1] * q
+        if channels not in arith:
+            img.arithmetic(channels)
+            if not img.replicable():
+                return per_template_confusion_reference(record, text, settings, query_to_class, num_classes,
+                                                        label, device, chunk)
+            arith[channels] = (img.window_matrix, img.final_matrix)
 
     img.geo.rows.composed, img.geo.cols.composed        # built once here, read by the workers
 

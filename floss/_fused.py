@@ -11,7 +11,8 @@ its element-wise temporaries into caller-owned buffers (no page-faulting fresh a
   within ``K`` units in the last place of each other, or an all-zero vector, where ±0 compare equal) the
   pixel is recomputed with ``argmax``. ~5x faster than ``max(dim=1)`` on CPU.
 * :func:`entropy_scores`: the same three element-wise steps and sum as
-  :func:`floss.metrics_registry.entropy_score` (bit-identical values).
+  :func:`floss.metrics_registry.entropy_score` (equal values up to an ulp of ``log``, whose SIMD and scalar
+  paths can differ for the elements that fall in a vector tail).
 * :func:`mano_scores`: ``Σ_j softrun(q)_j⁴ / K`` without per-element divisions: Taylor branch
   ``Σ v⁴ / (Σ v)⁴`` with ``v = f(q) − min f(q)``, softmax branch ``Σ e⁴ / (Σ e)⁴`` with ``e = exp(q − max q)``;
   values agree with ``mano_score`` to a few ulps (pixels where ``Σ v`` is tiny or huge, where fp32 powers
