@@ -31,7 +31,7 @@ from floss._argmax import per_template_confusion
 from floss._interp import matrix_upsample_rows
 from floss.cache import CacheError, FeatureCache, ImageRecord
 from floss.evaluation import confusion_matrix, miou
-from floss.fusion import fuse
+from floss.fusion import fuse_many
 from floss.text import averaged_classifier, expand_experts_to_queries, expert_classifiers
 
 logger = logging.getLogger(__name__)
@@ -333,7 +333,7 @@ def evaluate_cache(cache: FeatureCache, experts: Sequence[Sequence[int]] | None 
 
     def fuse_all(maps: torch.Tensor) -> torch.Tensor:   # [(Q+1)·Q, r, c] -> [S·Q, r, c]
         maps = maps.reshape(Q + 1, Q, *maps.shape[1:])
-        return torch.cat([fuse(maps[:Q], maps[Q], s) for s in fusions])
+        return torch.cat(fuse_many(maps[:Q], maps[Q], fusions))   # checks and agreement shared
 
     for record in tqdm(cache, desc="evaluate", disable=None if progress else True):
         if record.label is None:
@@ -354,7 +354,7 @@ def evaluate_cache(cache: FeatureCache, experts: Sequence[Sequence[int]] | None 
                     band = band.reshape(Q + 1, Q, b - a, -1)
                     if final:
                         band = torch.softmax(settings.logit_scale * band, dim=1)
-                    band = torch.cat([fuse(band[:Q], band[Q], s) for s in fusions])
+                    band = torch.cat(fuse_many(band[:Q], band[Q], fusions))
                 else:           # the authors: fusion per window at crop resolution (§4.1)
                     band = renderer.render(maps, (a, b), per_window=fuse_all, window_fp16=settings.window_fp16)
                 for i, s in enumerate(fusions):

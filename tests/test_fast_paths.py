@@ -337,3 +337,18 @@ def test_map_single_threaded_keeps_order_and_thread_setting():
     assert [x for x, _ in out] == list(range(7)) and all(n == 1 for _, n in out)
     assert torch.get_num_threads() == before
     assert map_single_threaded(lambda x: x * 2, [1, 2], workers=1) == [2, 4]
+
+
+# ----------------------------------------------------------------------------------------------- fusion
+@pytest.mark.parametrize("k,normalized", [(4, True), (19, True), (30, False)])
+def test_fuse_many_equals_one_fuse_per_strategy(k, normalized):
+    from floss.fusion import STRATEGIES, fuse, fuse_many
+    experts = _probs(k, k, 7, 9, seed=k, scale=4.0)
+    experts[:, :, 0, 0] = 1.0 / k                         # ties everywhere at one pixel
+    fallback = _probs(k, 7, 9, seed=k + 1, dim=0)
+    if not normalized:
+        experts, fallback = experts * 0.7, fallback * 0.7
+    for strategies in (list(STRATEGIES), ["average_all"], ["default", "highest"]):
+        many = fuse_many(experts, fallback, strategies, chunk_pixels=20, normalized=normalized)
+        for s, got in zip(strategies, many):
+            assert torch.equal(got, fuse(experts, fallback, s, chunk_pixels=20, normalized=normalized)), s
