@@ -12,7 +12,14 @@ accumulators); that is the pixel sum of ``H`` up to fp32 rounding. Here per-pixe
 
 Upsampling ``size=(H, W)``: probabilities are bilinearly resized (align_corners=False, **not** re-softmaxed,
 protocol §3) block by block with :mod:`floss._interp` (bit-identical to ``F.interpolate`` on CPU), so peak
-memory is bounded by ``max(CHUNK_ELEMENTS, K·W)`` floats whatever ``M``, ``K`` or the image size.
+memory is bounded by a few ``max(CHUNK_ELEMENTS, K·W)``-float buffers per worker thread whatever ``M``, ``K``
+or the image size.
+
+Speed: the built-in metrics run as fused kernels on each block (:mod:`floss._fused`: an exact argmax from
+integer keys, MaNo without per-element divisions and with its softrun branch decided analytically, ITI sums
+from soft counts on the feature grid instead of upsampled features), and template chunks run in
+``torch.get_num_threads()`` worker threads with single-threaded ops (:mod:`floss._threads`; a registered
+custom ``pixel_score`` is therefore called from those threads). ``benchmarks/bench_stats.py`` measures it.
 """
 from __future__ import annotations
 
