@@ -19,7 +19,8 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Taps", "bilinear_taps", "bilinear_matrix", "source_rows", "upsample_rows", "upsample_bilinear"]
+__all__ = ["Taps", "bilinear_taps", "bilinear_matrix", "source_rows", "upsample_rows", "upsample_bilinear",
+           "RowUpsampler", "matrix_upsample_rows"]
 
 
 class Taps(NamedTuple):
@@ -90,40 +91,105 @@ def source_rows(out_size: int, in_size: int, rows: slice) -> tuple[int, int]:
     return int(taps.i0[start]), int(taps.i1[stop - 1]) + 1
 
 
-def upsample_rows(x: torch.Tensor, size: Sequence[int], rows: slice) -> torch.Tensor:
-    """Output rows ``rows`` of the bilinear resize of ``x [N, h, w]``, laid out rows-first: ``[R, N, W]``.
+def _width_pass(x: torch.Tensor, out_w: int) -> torch.Tensor:
+    """``[N, r, w] -> [N, r, W]`` by PyTorch's own linear kernel (the 1-D kernel gives the same bits as the
+    2-D one with the height unchanged, at about half the cost)."""
+    if x.shape[-1] == out_w:
+        return x
+    n, r, w = x.shape
+    return F.interpolate(x.reshape(1, n * r, w), size=out_w, mode="linear", align_corners=False).view(n, r, out_w)
 
-    Width pass by ``F.interpolate`` on the few input rows needed (height unchanged, so rows are copied
-    exactly); height pass as ``fma(y0, λ0, y1·λ1)`` (``torch.addcmul`` is a fused multiply-add), the
-    operation order of PyTorch's kernel. The rows-first layout makes each output row one
-    contiguous ``[N, W]`` block and lets the caller treat (row, template) pairs as one batch dimension.
+
+class RowUpsampler:
+    """Output row blocks of the bilinear resize of ``x [N, h, w]`` to ``size``, rows-first ``[R, N, W]``.
+
+    The width pass of an input row is needed by every output row block that reads it; when the whole
+    width-resized input fits in ``cache_elements`` floats it is computed once (rows-first) and the row blocks
+    only do the height pass, otherwise each block resizes the few input rows it reads.
+    """
+
+    def __init__(self, x: torch.Tensor, size: Sequence[int], cache_elements: int = 0):
+        self.x, self.size = x, (int(size[0]), int(size[1]))
+        n, in_h, _ = x.shape
+        self.cached = None
+        if n * in_h * self.size[1] <= cache_elements:
+            self.cached = _width_pass(x, self.size[1]).transpose(0, 1).contiguous()  # [h, N, W]
+
+    def rows(self, rows: slice, out: torch.Tensor | None = None) -> torch.Tensor:
+        out_h, out_w = self.size
+        x = self.x
+        n, in_h, in_w = x.shape
+        start, stop, _ = rows.indices(out_h)
+        lo, hi = source_rows(out_h, in_h, rows)
+        if self.cached is not None:
+            rows_first, base = self.cached, 0
+        else:
+            rows_first, base = _width_pass(x[:, lo:hi, :], out_w).transpose(0, 1), lo
+        if out_h == in_h:
+            block = rows_first[start - base:stop - base]
+            return block.contiguous() if out is None else out.copy_(block)
+        if self.cached is None:
+            rows_first = rows_first.contiguous()  # [n_in, N, W]
+        i0, i1, w0, w1 = bilinear_taps(out_h, in_h, x.dtype if x.dtype == torch.float64 else torch.float32,
+                                       x.device)
+        w0 = w0[start:stop].to(x.dtype).view(-1, 1, 1)
+        w1 = w1[start:stop].to(x.dtype).view(-1, 1, 1)
+        if out is None:
+            out = torch.empty(stop - start, n, out_w, dtype=x.dtype, device=x.device)
+        # consecutive output rows reading the same input pair form a group: broadcast the two input rows
+        # (views, no gather copies) against the group's weights; addcmul_ is fma(y0, λ0, y1·λ1)
+        _, sizes = torch.unique_consecutive(i0[start:stop] * in_h + i1[start:stop], return_counts=True)
+        g0 = 0
+        for size_g in sizes.tolist():
+            a, b = int(i0[start + g0]) - base, int(i1[start + g0]) - base
+            block_out = out[g0:g0 + size_g]
+            torch.mul(rows_first[b:b + 1], w1[g0:g0 + size_g], out=block_out)
+            block_out.addcmul_(rows_first[a:a + 1], w0[g0:g0 + size_g])
+            g0 += size_g
+        return out
+
+
+def matrix_upsample_rows(x: torch.Tensor, size: Sequence[int], rows: slice) -> torch.Tensor:
+    """Rows ``rows`` of ``A @ x @ Bᵀ`` for ``x [N, h, w]``, with ``A``/``B`` the dense bilinear matrices built by
+    ``F.interpolate`` of the identity, bit for bit as the two float32 matmuls on CPU, at a fraction of the cost:
+    ``[N, R, W]``.
+
+    A dense matmul whose rows hold two non-zero taps is, per output, MKL's fused multiply-add chain over the
+    non-zero terms in index order, ``fma(x1, w1, x0·w0)`` (zeros add exact zeros; a clamped border is one
+    entry ``w0 + w1``) as long as the dot product (K = h, resp. w) is not split into blocks, which MKL does
+    only beyond a few hundred (``tests/test_protocol.py`` checks the equality at window sizes). So: the width
+    pass as a matmul over the few input rows ``rows`` reads (same chain per element), then the height pass as
+    two-tap multiply-adds in the chain's order.
     """
     out_h, out_w = size
     n, in_h, in_w = x.shape
     start, stop, _ = rows.indices(out_h)
     lo, hi = source_rows(out_h, in_h, rows)
-    block = x[:, lo:hi, :]
-    if out_w != in_w:
-        block = F.interpolate(block.unsqueeze(0), size=(hi - lo, out_w), mode="bilinear",
-                              align_corners=False).squeeze(0)
-    rows_first = block.transpose(0, 1).contiguous()  # [n_in, N, W]
-    if out_h == in_h:
-        return rows_first[start - lo:stop - lo]
-    i0, i1, w0, w1 = bilinear_taps(out_h, in_h, x.dtype if x.dtype == torch.float64 else torch.float32, x.device)
-    w0 = w0[start:stop].to(x.dtype).view(-1, 1, 1)
-    w1 = w1[start:stop].to(x.dtype).view(-1, 1, 1)
-    out = torch.empty(stop - start, n, out_w, dtype=x.dtype, device=x.device)
-    # consecutive output rows reading the same input pair form a group: broadcast the two input rows
-    # (views, no gather copies) against the group's weights; addcmul_ is fma(y0, λ0, y1·λ1)
-    _, sizes = torch.unique_consecutive(i0[start:stop] * in_h + i1[start:stop], return_counts=True)
-    g0 = 0
-    for size_g in sizes.tolist():
-        a, b = int(i0[start + g0]) - lo, int(i1[start + g0]) - lo
-        block_out = out[g0:g0 + size_g]
-        torch.mul(rows_first[b:b + 1], w1[g0:g0 + size_g], out=block_out)
-        block_out.addcmul_(rows_first[a:a + 1], w0[g0:g0 + size_g])
-        g0 += size_g
-    return out
+    i0, i1, w0, w1 = bilinear_taps(out_h, in_h, torch.float32, x.device)
+    eye = torch.eye(in_w, dtype=x.dtype, device=x.device)[None]
+    cols = F.interpolate(eye, size=out_w, mode="linear", align_corners=False)[0]         # [in_w, out_w] = Bᵀ
+    width = torch.matmul(x[:, lo:hi], cols)                                             # [N, hi − lo, W]
+    i0, i1 = i0[start:stop], i1[start:stop]
+    same = (i0 == i1).view(-1, 1)
+    w0 = w0[start:stop].to(x.dtype).view(-1, 1)
+    w1 = w1[start:stop].to(x.dtype).view(-1, 1)
+    w0 = torch.where(same, w0 + w1, w0)
+    w1 = torch.where(same, torch.zeros_like(w1), w1)
+    out = width[:, i0 - lo] * w0
+    return out.addcmul_(width[:, i1 - lo], w1)
+
+
+def upsample_rows(x: torch.Tensor, size: Sequence[int], rows: slice, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Output rows ``rows`` of the bilinear resize of ``x [N, h, w]``, laid out rows-first: ``[R, N, W]``.
+
+    Width pass by PyTorch's linear kernel on the few input rows needed (height unchanged, so rows are copied
+    exactly); height pass as ``fma(y0, λ0, y1·λ1)`` (``torch.addcmul`` is a fused multiply-add), the
+    operation order of PyTorch's kernel. The rows-first layout makes each output row one
+    contiguous ``[N, W]`` block and lets the caller treat (row, template) pairs as one batch dimension.
+    ``out``: an optional contiguous ``[R, N, W]`` tensor of ``x``'s dtype to write into (a reused buffer).
+    Streaming many blocks of one input: :class:`RowUpsampler`.
+    """
+    return RowUpsampler(x, size).rows(rows, out)
 
 
 def upsample_bilinear(x: torch.Tensor, size: Sequence[int], rows: slice | None = None) -> torch.Tensor:

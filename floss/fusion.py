@@ -73,15 +73,22 @@ def _check_chunk(name: str, x: torch.Tensor, dim: int, normalized: bool) -> None
         check_probabilities(name, x, dim=dim, normalized=normalized)
 
 
-def _fuse_flat(experts: torch.Tensor, fallback: torch.Tensor, strategy: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fuse ``experts [E, K, p]`` with ``fallback [K, p]``; returns ``(fused [K, p], source [p] int64)``."""
+def _agreement(experts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``own [E, p]`` (S_k(x)[k]) and ``agree [E, p]`` of ``experts [E, K, p]`` (E = K)."""
+    idx = torch.arange(experts.shape[0], device=experts.device)
+    own = experts[idx, idx]                                            # [E, p]: S_k(x)[k]
+    return own, _self_predicting(experts, own)
+
+
+def _fuse_flat(experts: torch.Tensor, fallback: torch.Tensor, strategy: str,
+               agreement: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fuse ``experts [E, K, p]`` with ``fallback [K, p]``; returns ``(fused [K, p], source [p] int64)``.
+    ``agreement``: :func:`_agreement` of ``experts`` when already computed (shared by several strategies)."""
     num_experts, num_classes, p = experts.shape
     if strategy == "average_all":
         return (_weighted_sum(experts, None) / num_experts,
                 torch.full((p,), SOURCE_AVERAGED, dtype=torch.long, device=experts.device))
-    idx = torch.arange(num_experts, device=experts.device)
-    own = experts[idx, idx]                                            # [E, p]: S_k(x)[k]
-    agree = _self_predicting(experts, own)                             # [E, p]
+    own, agree = _agreement(experts) if agreement is None else agreement
     n_agree = agree.sum(dim=0)                                         # [p]
     none, single = n_agree == 0, n_agree == 1
     if strategy == "highest" or strategy == "default":
@@ -153,6 +160,35 @@ def fuse(expert_probs: torch.Tensor, fallback_probs: torch.Tensor, strategy: str
             source[start:stop] = src
     fused = fused.reshape(num_classes, height, width)
     return (fused, source.reshape(height, width)) if return_source else fused
+
+
+def fuse_many(expert_probs: torch.Tensor, fallback_probs: torch.Tensor, strategies, chunk_pixels: int | None = None,
+              *, normalized: bool = True) -> list[torch.Tensor]:
+    """``[fuse(expert_probs, fallback_probs, s) for s in strategies]`` (same values), with the input checks and
+    the per-expert self-prediction test computed once per pixel chunk instead of once per strategy."""
+    strategies = [_check_strategy(s) for s in strategies]
+    if not strategies:
+        return []
+    needs_agreement = any(s != "average_all" for s in strategies)
+    _check_inputs(expert_probs, fallback_probs, "highest" if needs_agreement else "average_all")
+    num_experts, num_classes, height, width = expert_probs.shape
+    pixels = height * width
+    if chunk_pixels is None:
+        chunk_pixels = max(1, CHUNK_BYTES // max(1, num_experts * num_classes * expert_probs.element_size()))
+    elif isinstance(chunk_pixels, bool) or not isinstance(chunk_pixels, int) or chunk_pixels < 1:
+        raise ValueError(f"chunk_pixels: expected a positive int or None, received {chunk_pixels!r}")
+    experts = expert_probs.reshape(num_experts, num_classes, pixels)
+    fallback = fallback_probs.reshape(num_classes, pixels)
+    _check_chunk("fallback_probs", fallback, dim=0, normalized=normalized)
+    fused = [torch.empty_like(fallback) for _ in strategies]
+    for start in range(0, pixels, chunk_pixels):
+        stop = min(start + chunk_pixels, pixels)
+        chunk = experts[:, :, start:stop]
+        _check_chunk("expert_probs", chunk, dim=1, normalized=normalized)
+        agreement = _agreement(chunk) if needs_agreement else None
+        for out, strategy in zip(fused, strategies):
+            out[:, start:stop] = _fuse_flat(chunk, fallback[:, start:stop], strategy, agreement)[0]
+    return [f.reshape(num_classes, height, width) for f in fused]
 
 
 def fuse_rows(expert_fn: Callable[[slice], torch.Tensor], fallback_probs: torch.Tensor,

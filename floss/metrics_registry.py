@@ -98,13 +98,19 @@ def avgprob_score(q: torch.Tensor) -> torch.Tensor:
     return q.amax(dim=1)
 
 
+def _softmax(q: torch.Tensor) -> torch.Tensor:
+    """``exp(q − max)/Σ``: the same bits on every CPU (torch.softmax's fused kernel depends on the vector width)."""
+    e = torch.exp(q - q.amax(dim=1, keepdim=True))
+    return e / e.sum(dim=1, keepdim=True)
+
+
 def softrun(q: torch.Tensor) -> torch.Tensor:
     """MaNo's softrun normalisation of ``q [m, K, P]`` along dim 1 (criterion evaluated per pixel)."""
     k = q.shape[1]
     # CE(uniform, softmax(q)) = logsumexp(q) − mean(q)
     soft = (torch.logsumexp(q, dim=1, keepdim=True) - q.mean(dim=1, keepdim=True)) > MANO_CRITERION
     if bool(soft.all()):
-        return torch.softmax(q, dim=1)
+        return _softmax(q)
     # Taylor: 1 + q + q²/2 minus its row minimum; the constant 1 cancels in the subtraction
     v = torch.addcmul(q, q, q, value=0.5)
     v.sub_(v.amin(dim=1, keepdim=True))
@@ -114,7 +120,7 @@ def softrun(q: torch.Tensor) -> torch.Tensor:
     if bool(degenerate.any()):
         v = torch.where(degenerate, torch.full_like(v, 1.0 / k), v)
     if bool(soft.any()):
-        v = torch.where(soft, torch.softmax(q, dim=1), v)
+        v = torch.where(soft, _softmax(q), v)
     return v
 
 

@@ -27,9 +27,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from floss._argmax import per_template_confusion
+from floss._interp import matrix_upsample_rows
 from floss.cache import CacheError, FeatureCache, ImageRecord
 from floss.evaluation import confusion_matrix, miou
-from floss.fusion import fuse
+from floss.fusion import fuse_many
 from floss.text import averaged_classifier, expand_experts_to_queries, expert_classifiers
 
 logger = logging.getLogger(__name__)
@@ -163,9 +165,8 @@ class _Renderer:
                 up = F.interpolate(m[None], size=(y2 - y1, x2 - x1), mode="bilinear", align_corners=False)[0]
                 up = up[:, ys0 - y1:ys1 - y1]   # (bit-identical to mmseg's resize)
             else:                        # a band of rows: the same weights as matrices, only those rows
-                uh = _interp_matrix(m.shape[-2], y2 - y1, self.dev)[ys0 - y1:ys1 - y1]
-                uw = _interp_matrix(m.shape[-1], x2 - x1, self.dev)
-                up = _separable(uh, m, uw)                                       # [N, ys1 - ys0, x2 - x1]
+                # (= _rows_matmul(uh[rows], m @ uwᵀ) bit for bit, without the dense products)
+                up = matrix_upsample_rows(m, (y2 - y1, x2 - x1), slice(ys0 - y1, ys1 - y1))
             if window_fp16:
                 up = up.half()
             if per_window is not None:
@@ -241,7 +242,7 @@ def classify(record: ImageRecord, classifiers: torch.Tensor, settings, out: str 
         result[:, a:b] = renderer.render(maps, (a, b), window_fp16=settings.window_fp16)
     result = result.reshape(c, q, *renderer.out_size)
     if settings.softmax_stage == "final" and not logits:
-        result = torch.softmax(settings.logit_scale * result, dim=1)
+        result = stable_softmax(settings.logit_scale * result, dim=1)
     return result
 
 
@@ -385,7 +386,7 @@ class Predictor:
 
         def fuse_all(window: torch.Tensor) -> torch.Tensor:   # [(Q+1)·Q, r, c] -> [S·Q, r, c]
             window = window.reshape(Q + 1, Q, *window.shape[1:])
-            return torch.cat([fuse(window[:Q], window[Q], s) for s in fusions])
+            return torch.cat(fuse_many(window[:Q], window[Q], fusions))   # checks and agreement shared
 
         maps = window_scores(record, self.floss_w, settings, softmax=not (paper and final), device=device)
         maps = maps.reshape(maps.shape[0], -1, *maps.shape[3:])
@@ -394,8 +395,8 @@ class Predictor:
                 band = renderer.render(maps, (a, b), window_fp16=settings.window_fp16)
                 band = band.reshape(Q + 1, Q, b - a, -1)
                 if final:
-                    band = torch.softmax(settings.logit_scale * band, dim=1)
-                band = torch.cat([fuse(band[:Q], band[Q], s) for s in fusions])
+                    band = stable_softmax(settings.logit_scale * band, dim=1)
+                band = torch.cat(fuse_many(band[:Q], band[Q], fusions))
             else:           # the authors: fusion per window at crop resolution (§4.1)
                 band = renderer.render(maps, (a, b), per_window=fuse_all, window_fp16=settings.window_fp16)
             for i, s in enumerate(fusions):
@@ -428,15 +429,6 @@ def evaluate_cache(cache: FeatureCache, experts: Sequence[Sequence[int]] | None 
     conf = {name: torch.zeros(K, K, dtype=torch.int64, device=device) for name in predictor.names}
     if per_template:
         conf["per_template"] = torch.zeros(M, K, K, dtype=torch.int64, device=device)
-    final = settings.softmax_stage == "final"
-
-    def add(name: str, scores: torch.Tensor, label: torch.Tensor, index=None) -> None:
-        pred = merge_queries(scores, q2c, K).argmax(dim=-3)
-        cm = confusion_matrix(pred, label, K, ignore_index=IGNORE_INDEX)
-        if index is None:
-            conf[name] += cm.to(device)
-        else:
-            conf[name][index] += cm.to(device)
 
     for record in tqdm(cache, desc="evaluate", disable=None if progress else True):
         if record.label is None:
@@ -445,17 +437,8 @@ def evaluate_cache(cache: FeatureCache, experts: Sequence[Sequence[int]] | None 
         renderer = _Renderer(record, "orig", device)
         for name, (a, b), pred in predictor.bands(record, renderer):
             conf[name] += confusion_matrix(pred, label[a:b], K, ignore_index=IGNORE_INDEX).to(device)
-        if per_template:
-            chunk = 8
-            for start in range(0, M, chunk):
-                ids = list(range(start, min(start + chunk, M)))
-                maps = window_scores(record, text[ids], settings, softmax=not final, device=device)
-                maps = maps.reshape(maps.shape[0], -1, *maps.shape[3:])
-                for a, b in renderer.bands(maps.shape[1]):
-                    band = renderer.render(maps, (a, b), window_fp16=settings.window_fp16)
-                    band = band.reshape(len(ids), Q, b - a, -1)
-                    for j, t in enumerate(ids):
-                        add("per_template", band[j], label[a:b], index=t)
+        if per_template:   # exact shortcut of rendering every template's map (floss._argmax)
+            conf["per_template"] += per_template_confusion(record, text, settings, q2c, K, label, device)
 
     conf = {k: v.cpu() for k, v in conf.items()}
     names = cache.class_names

@@ -12,7 +12,14 @@ accumulators); that is the pixel sum of ``H`` up to fp32 rounding. Here per-pixe
 
 Upsampling ``size=(H, W)``: probabilities are bilinearly resized (align_corners=False, **not** re-softmaxed,
 protocol §3) block by block with :mod:`floss._interp` (bit-identical to ``F.interpolate`` on CPU), so peak
-memory is bounded by ``max(CHUNK_ELEMENTS, K·W)`` floats whatever ``M``, ``K`` or the image size.
+memory is bounded by a few ``max(CHUNK_ELEMENTS, K·W)``-float buffers per worker thread whatever ``M``, ``K``
+or the image size.
+
+Speed: the built-in metrics run as fused kernels on each block (:mod:`floss._fused`: an exact argmax from
+integer keys, MaNo without per-element divisions and with its softrun branch decided analytically, ITI sums
+from soft counts on the feature grid instead of upsampled features), and template chunks run in
+``torch.get_num_threads()`` worker threads with single-threaded ops (:mod:`floss._threads`; a registered
+custom ``pixel_score`` is therefore called from those threads). ``benchmarks/bench_stats.py`` measures it.
 """
 from __future__ import annotations
 
@@ -25,8 +32,11 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from floss._checks import check_probabilities, check_tensor, check_finite
-from floss._interp import upsample_rows
-from floss.metrics_registry import available_metrics, get_metric, register_metric  # noqa: F401 (re-export)
+from floss._fused import SoftCounts, entropy_scores, first_argmax, mano_branch, mano_scores
+from floss._interp import RowUpsampler
+from floss._threads import map_single_threaded
+from floss.metrics_registry import (available_metrics, entropy_score, get_metric, mano_score,  # noqa: F401
+                                    register_metric)
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +195,7 @@ class TemplateStats:
             self._init_state(probs.device)
         st = self._state
 
-        counts, sums, fsum = self._accumulate(probs, (out_h, out_w), features)
+        counts, sums, fsum = self._accumulate(probs, (out_h, out_w), features, normalized)
         dev = st["counts"].device
         tids_d = tids.to(dev)
         counts, sums = counts.to(dev), sums.to(dev)
@@ -206,50 +216,74 @@ class TemplateStats:
             self._add_record(image_id, tids, counts, sums, out_h * out_w, iti)
         return self
 
-    def _accumulate(self, probs: torch.Tensor, size: tuple[int, int], features: torch.Tensor | None):
-        """Per-image ``counts [m, K]`` int64, ``sums [n_metrics, m, K]`` float64, ``fsum [m, K, D]``."""
+    def _accumulate(self, probs: torch.Tensor, size: tuple[int, int], features: torch.Tensor | None,
+                    normalized: bool = True):
+        """Per-image ``counts [m, K]`` int64, ``sums [n_metrics, m, K]`` float64, ``fsum [m, K, D]``.
+
+        Blocks of output rows × templates are upsampled into one reused buffer; the built-in metrics run as
+        fused kernels (:mod:`floss._fused`) on that block; registered custom metrics get the block as
+        ``q [rows·templates, K, W]``.
+        """
         m, k, h, w = probs.shape
         out_h, out_w = size
         dev = probs.device
         work = torch.float64 if probs.dtype == torch.float64 else torch.float32
         specs = [get_metric(name) for name in self._pixel_metrics]
-        counts = torch.zeros(m, k, dtype=torch.int64, device=dev)
-        sums = torch.zeros(len(specs), m, k, dtype=torch.float64, device=dev)
-        fsum = None if features is None else torch.zeros(m * k, features.shape[0], dtype=torch.float64, device=dev)
+        acc = torch.zeros(len(specs) + 1, m, k, dtype=torch.float64, device=dev)  # [counts, sums...]
+        soft = None if features is None else SoftCounts(features.to(dev), m, k, size)
         # block = (rows, templates): >= MIN_ROWS output rows (so that the width pass, done on the input rows
         # a block reads, is shared by many output rows), then as many templates as the budget allows
         row_elems = k * out_w
         rows_per = min(out_h, max(MIN_ROWS, CHUNK_ELEMENTS // (row_elems * m)))
         m_chunk = max(1, min(m, CHUNK_ELEMENTS // (row_elems * rows_per)))
-        for t0 in range(0, m, m_chunk):
+        block = rows_per * m_chunk * row_elems
+        fixed = None
+        if "mano" in self._pixel_metrics:
+            fixed = mano_branch(k, normalized, None if normalized else float(probs.amax()))
+        n_val = len(specs) + 1
+
+        def chunk(t0: int) -> None:   # templates t0 .. t0 + m_chunk: disjoint slices of acc / soft counts
             t1 = min(m, t0 + m_chunk)
             mc = t1 - t0
+            q_buf = torch.empty(block, dtype=work, device=dev)
+            tmp = torch.empty(block, dtype=work, device=dev)
+            key_buf = torch.empty(block, dtype=torch.int64 if work == torch.float64 else torch.int32, device=dev)
+            vals = None
             # fp16 canvases are read in fp32 (the authors compute the entropy in fp32)
-            src = probs[t0:t1].to(work).reshape(mc * k, h, w)
+            src = RowUpsampler(probs[t0:t1].to(work).reshape(mc * k, h, w), size, cache_elements=2 * CHUNK_ELEMENTS)
             for r0 in range(0, out_h, rows_per):
                 rows = slice(r0, min(out_h, r0 + rows_per))
+                nr = rows.stop - rows.start
                 # rows-first [R, m_c·K, W]: (row, template) pairs form the batch dim the metrics see
-                q = upsample_rows(src, size, rows).view(-1, k, out_w)
-                best, pred = q.max(dim=1)  # first index on ties, like torch.argmax
-                # per-(row, template) class histograms by scatter_add along a [R, m_c, K] table (no flat
-                # keys, no offsets; integer counts exact, float64 sums), then summed over the block's rows
-                pred = pred.view(-1, mc, out_w)
-                table = torch.zeros(pred.shape[0], mc, k, dtype=torch.int64, device=dev)
-                ones = torch.ones(1, 1, 1, dtype=torch.int64, device=dev).expand_as(pred)
-                counts[t0:t1] += table.scatter_add_(2, pred, ones).sum(0)
+                q = src.rows(rows, out=q_buf[:nr * mc * row_elems].view(nr, mc * k, out_w))
+                q = q.view(-1, k, out_w)
+                best = q.amax(dim=1)
+                pred = first_argmax(q, best, key_buf).view(-1, mc, out_w)  # first index on ties, like argmax
+                # one scatter_add of [1 (count), score_1, ...] per pixel along the class dim of a float64
+                # [n + 1, R, m_c, K] table (counts are exact integers in float64), summed over the block's rows
+                if vals is None or vals.shape[1:3] != (nr, mc):
+                    vals = torch.empty(n_val, nr, mc, out_w, dtype=torch.float64, device=dev)
+                    vals[0].fill_(1.0)
                 for j, spec in enumerate(specs):
-                    score = best if spec.name == "avgprob" else spec.pixel_score(q)  # avgprob = max_j q_j
-                    score = score.view(-1, mc, out_w).to(torch.float64)
-                    ftable = torch.zeros(pred.shape[0], mc, k, dtype=torch.float64, device=dev)
-                    sums[j, t0:t1] += ftable.scatter_add_(2, pred, score).sum(0)
-                if fsum is not None:
-                    keys = (pred + (torch.arange(t0, t1, device=dev) * k).view(1, -1, 1)).reshape(-1)
-                    f = upsample_rows(features.to(dev, work), size, rows)  # [R, D, W]
-                    f = f.permute(0, 2, 1).to(torch.float64)  # [R, W, D]
-                    kv = keys.view(-1, mc, out_w)
-                    for t in range(mc):
-                        fsum.index_add_(0, kv[:, t].reshape(-1), f.reshape(-1, f.shape[-1]))
-        return counts, sums, (None if fsum is None else fsum.view(m, k, -1))
+                    if spec.name == "avgprob":  # max_j q_j
+                        score = best
+                    elif spec.name == "entropy" and spec.pixel_score is entropy_score:
+                        score = entropy_scores(q, tmp)
+                    elif spec.name == "mano" and spec.pixel_score is mano_score:
+                        score = mano_scores(q, best, fixed, tmp)
+                    else:
+                        score = spec.pixel_score(q)
+                    vals[j + 1].copy_(score.view(nr, mc, out_w))
+                table = torch.zeros(n_val, nr, mc, k, dtype=torch.float64, device=dev)
+                table.scatter_add_(3, pred.unsqueeze(0).expand(n_val, -1, -1, -1), vals)
+                acc[:, t0:t1] += table.sum(1)
+                if soft is not None:
+                    soft.add(pred, t0, rows)
+
+        # template chunks are independent: worker threads with single-threaded ops (floss._threads)
+        map_single_threaded(chunk, range(0, m, m_chunk), None if dev.type == "cpu" else 1)
+        counts = acc[0].round().to(torch.int64)
+        return counts, acc[1:], (None if soft is None else soft.sums())
 
     # ------------------------------------------------------------------------------ per-image records
     def _check_new_record(self, image_id, tids: torch.Tensor, npix: int) -> None:
