@@ -26,9 +26,13 @@ matrices (80·19·1024·2048 = 3.2e9 at Cityscapes size); that is what made it s
    ``fma(x0, w0, x1·w1)``; the matrix products it uses for large channel counts: MKL's FMA chain
    ``fma(x1, w1, x0·w0)``; both checked bit for bit), the fp16 cast, the canvas sum in window order, the
    division by the window count, then the final resize in the renderer's order and kernel. Classes outside
-   ``δ`` cannot win or tie. Remaining difference: MKL splits the renderer's long column dot products (K = the
-   resized width) into blocks, and in the few output columns whose two taps straddle a block boundary
-   (~5 of 2048) it rounds the two products separately; an argmax there can differ only at an exact tie.
+   ``δ`` cannot win or tie. Remaining difference: the renderer's band path multiplies by the dense column
+   matrix (K = the resized width), and MKL splits such long dot products into blocks whose boundaries
+   depend on the matrix sizes (channels × rows); in the output columns whose two taps straddle a boundary
+   (a few of 2048) it rounds the two products separately instead of chaining them. There the argmax can
+   differ only where the renderer's two top classes tie to the last bit (seen: 1 pixel in 16.8M on
+   random-feature NACLIP maps; none on the other benchmark and test inputs). The renderer itself gives
+   such pixels different values when the same template is rendered in another chunk or band.
 
 Non-grid window layouts, small fp32 images (which the renderer draws with its composed-matrix shortcut,
 ``_Renderer.fast_ok``) and tiny sizes where ``F.interpolate`` does not compute the two-tap formulas (checked on
