@@ -26,13 +26,13 @@ matrices (80·19·1024·2048 = 3.2e9 at Cityscapes size); that is what made it s
    ``fma(x0, w0, x1·w1)``; the matrix products it uses for large channel counts: MKL's FMA chain
    ``fma(x1, w1, x0·w0)``; both checked bit for bit), the fp16 cast, the canvas sum in window order, the
    division by the window count, then the final resize in the renderer's order and kernel. Classes outside
-   ``δ`` cannot win or tie. Remaining difference: the renderer's band path multiplies by the dense column
-   matrix (K = the resized width), and MKL splits such long dot products into blocks whose boundaries
-   depend on the matrix sizes (channels × rows); in the output columns whose two taps straddle a boundary
-   (a few of 2048) it rounds the two products separately instead of chaining them. There the argmax can
-   differ only where the renderer's two top classes tie to the last bit (seen: 1 pixel in 16.8M on
-   random-feature NACLIP maps; none on the other benchmark and test inputs). The renderer itself gives
-   such pixels different values when the same template is rendered in another chunk or band.
+   ``δ`` cannot win or tie. The renderer's band path (``protocol._separable``) does each resize pass as a
+   float64 matmul rounded to float32 — two exact products summed once, whatever GEMM kernel runs — and is
+   replicated the same way. Remaining difference: the fused multiply-adds are emulated in float64 (exact
+   products, then a rounding to float64 and one to float32), which differs from a true FMA only when that
+   double rounding meets a float32 midpoint (probability ~2⁻²⁹ per value); an argmax can then differ only
+   where the renderer's two top classes tie to the last bit. ``window_scores`` returns contiguous maps:
+   ``F.interpolate`` takes another kernel, with other rounding, on a channels-last-like layout.
 
 Non-grid window layouts, small fp32 images (which the renderer draws with its composed-matrix shortcut,
 ``_Renderer.fast_ok``) and tiny sizes where ``F.interpolate`` does not compute the two-tap formulas (checked on
@@ -182,7 +182,10 @@ def _lerp(a: torch.Tensor, w0: torch.Tensor, b: torch.Tensor, w1: torch.Tensor, 
     if matrix:
         a, w0, b, w1 = b, w1, a, w0
     out = torch.mul(b, w1) if out is None else torch.mul(b, w1, out=out)
-    return out.addcmul_(a, w0)
+    # fma(a, w0, out) emulated: a·w0 is exact in float64, so the sum is rounded once (then to float32; a double
+    # rounding matters only on an exact float32 midpoint). torch.addcmul_ is not used: on CPU its vectorised
+    # loop fuses the multiply-add but the scalar tail of a short or odd-length loop does not
+    return out.copy_((a.double() * w0.double()).add_(out.double()))
 
 
 class _Taps:
@@ -379,6 +382,14 @@ def _renderer_values(flat: torch.Tensor, img: _Image, ch: torch.Tensor, ys: torc
             canvas[ri, si] = acc / (rows.count.to(dev)[rr] * cols.count.to(dev)[ss])
     fc0, fc1 = (x[xs] for x in ct.weights(fin, device=dev))
     fr0, fr1 = (x[ys] for x in rt.weights(fin, device=dev))
+    if fin and dev.type == "cpu":
+        # the renderer's banded final resize (protocol._separable): per pass two exact float64 products summed,
+        # rounded to float32; columns first
+        def pass64(x0, w0, x1, w1):
+            return (x0.double() * w0.double() + x1.double() * w1.double()).float()
+        wide0 = pass64(canvas[0, 0], fc0, canvas[0, 1], fc1)
+        wide1 = pass64(canvas[1, 0], fc0, canvas[1, 1], fc1)
+        return pass64(wide0, fr0, wide1, fr1)
     wide0 = _lerp(canvas[0, 0], fc0, canvas[0, 1], fc1, fin)                    # columns first
     wide1 = _lerp(canvas[1, 0], fc0, canvas[1, 1], fc1, fin)
     return _lerp(wide0, fr0, wide1, fr1, fin)

@@ -192,7 +192,7 @@ class ImageSource:
 def rankings_keys(cache) -> list[str]:
     """Class keys of the rankings JSON: NACLIP-family files spell names without spaces (protocol §6)."""
     from floss.classes import MODELS, ranking_name
-    if cache.manifest["dataset"] == "folder":        # the user's own names, as written in the class file
+    if cache.manifest.get("dataset") == "folder":        # the user's own names, as written in the class file
         return list(cache.class_names)
     from floss.params import base_model
     model = base_model(str(cache.manifest["model"]))

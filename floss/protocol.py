@@ -49,10 +49,13 @@ def _interp_matrix(n_in: int, n_out: int, device: str) -> torch.Tensor:
 
 
 def _separable(rows: torch.Tensor, x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """``rows · x · colsᵀ`` per channel of ``x [N, h, w]``; on CPU accumulated in float64 and rounded once, so the
-    bits do not depend on the GEMM kernel the CPU's instruction set selects."""
+    """``rows · x · colsᵀ`` per channel of ``x [N, h, w]``. On CPU each pass is a float64 matmul rounded to
+    float32: a row of an interpolation matrix has two non-zero weights, so each output is two exact products
+    summed and rounded once, whatever GEMM kernel the CPU's instruction set selects (and what
+    ``floss._argmax`` replicates)."""
     if x.device.type == "cpu":
-        return _rows_matmul(rows.double(), torch.matmul(x.double(), cols.double().T)).to(x.dtype)
+        width = torch.matmul(x.double(), cols.double().T).float()
+        return _rows_matmul(rows.double(), width.double()).to(x.dtype)
     return _rows_matmul(rows, torch.matmul(x, cols.T))
 
 
@@ -162,7 +165,9 @@ class _Renderer:
             if ys0 >= ys1:
                 continue
             if m.shape[0] * (y2 - y1) * (x2 - x1) <= MAX_BAND_ELEMENTS:   # the window fits: native kernel
-                up = F.interpolate(m[None], size=(y2 - y1, x2 - x1), mode="bilinear", align_corners=False)[0]
+                # contiguous: a channels-last-like layout takes another kernel, with other rounding
+                up = F.interpolate(m.contiguous()[None], size=(y2 - y1, x2 - x1), mode="bilinear",
+                                   align_corners=False)[0]
                 up = up[:, ys0 - y1:ys1 - y1]   # (bit-identical to mmseg's resize)
             else:                        # a band of rows: the same weights as matrices, only those rows
                 # (= _rows_matmul(uh[rows], m @ uwᵀ) bit for bit, without the dense products)
@@ -177,7 +182,7 @@ class _Renderer:
         canvas = canvas / self.count[r0:r1].to(canvas_dtype)
         if not self.resize:
             return canvas
-        canvas = canvas.float()
+        canvas = canvas.float().contiguous()
         if (a, b) == (0, self.out_size[0]):
             return F.interpolate(canvas[None], size=self.out_size, mode="bilinear", align_corners=False)[0]
         return _separable(self.rows[a:b, r0:r1], canvas, self.cols)
@@ -202,7 +207,8 @@ def window_scores(record: ImageRecord, classifiers: torch.Tensor, settings, soft
     cos = cosines(record.feats.to(device), classifiers.to(device))
     if getattr(settings, "logits_fp16", False):        # an fp16 model's logits are fp16 values (protocol §1.2)
         cos = cos.half().float()
-    return stable_softmax(settings.logit_scale * cos, dim=2) if softmax else cos
+    # contiguous: F.interpolate's kernel (and so the renderer's last bit) depends on the memory layout
+    return (stable_softmax(settings.logit_scale * cos, dim=2) if softmax else cos).contiguous()
 
 
 def cosines(feats: torch.Tensor, classifiers: torch.Tensor) -> torch.Tensor:

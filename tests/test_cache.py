@@ -54,7 +54,9 @@ def test_round_trip_fp32_exact_and_fp16_close(tmp_path):
     assert cache["img003"].id == "img003"
     cache.verify()
 
-    write(tmp_path / "c16", range(5), images_per_shard=2)
+    assert write(tmp_path / "c32default", range(2))               # the default keeps fp32: exact
+    assert FeatureCache(tmp_path / "c32default")[0].feats.dtype == torch.float32
+    write(tmp_path / "c16", range(5), images_per_shard=2, dtype=torch.float16)
     c16 = FeatureCache(tmp_path / "c16")
     assert c16[0].feats.dtype == torch.float16
     assert torch.allclose(c16[0].feats.float(), make_record(0).feats, atol=1e-3)
@@ -117,12 +119,12 @@ def test_interrupted_extraction_resumes_with_identical_shards(tmp_path):
 
 def test_rank_shards_merge_into_one_cache(tmp_path):
     ids = list(range(7))
-    assert not write(tmp_path / "c", ids[0::2], rank=0, world_size=2, images_per_shard=2)
+    assert not write(tmp_path / "c", ids[0::2], rank=0, world_size=2, images_per_shard=2, dtype=torch.float16)
     with pytest.raises(CacheError, match="ranks missing: \\[1\\]"):
         FeatureCache(tmp_path / "c")
     with pytest.raises(CacheError, match="world size 2"):
         CacheWriter(tmp_path / "c", META, FP, text(), rank=0, world_size=3)
-    assert write(tmp_path / "c", ids[1::2], rank=1, world_size=2, images_per_shard=2)
+    assert write(tmp_path / "c", ids[1::2], rank=1, world_size=2, images_per_shard=2, dtype=torch.float16)
     merged = FeatureCache(tmp_path / "c")
     assert merged.ids == [f"img{i:03d}" for i in ids]
     assert {s["name"] for s in merged.manifest["shards"]} == {
