@@ -18,7 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from PIL import Image
+
+from floss import paths
 
 from layouts import make_dataset
 
@@ -81,7 +84,9 @@ def _tiny_weights(config: Path, out: Path, seed: int) -> Path:
 
 
 def make_weights(folder: Path) -> dict[str, dict[str, str]]:
-    """``extract.weights`` entries for the four matrix models, pointing at fabricated files."""
+    """``extract.weights`` entries for every model of ``params.yaml``, pointing at fabricated files: a tiny GELU
+    ViT, a tiny QuickGELU ViT (OpenAI CLIP's activation), a wider patch-14 one standing in for ViT-L/14, and
+    CLIP-DINOiser's head."""
     folder.mkdir(parents=True, exist_ok=True)
     gelu = folder / "tiny-vit-gelu.json"
     quick = folder / "tiny-vit-quickgelu.json"
@@ -103,9 +108,16 @@ def make_weights(folder: Path) -> dict[str, dict[str, str]]:
             "model.bkg_decoder.bias": torch.zeros(1)}
     head_path = folder / "model_weights.pth"
     torch.save({"state_dict": head}, head_path)
-    entry = lambda b, w, c=None: {"backbone": str(b), "pretrained": str(w), "checkpoint": c}  # noqa: E731
-    return {"maskclip": entry(gelu, gelu_w), "clipdinoiser": entry(gelu, gelu_w, str(head_path)),
-            "naclip": entry(quick, quick_w), "naclip_vitl14": entry(large, large_w)}
+    # every weights entry of params.yaml, by the kind of its official backbone
+    official = yaml.safe_load((paths.ROOT / "params.yaml").read_text())["extract"]["weights"]
+    out = {}
+    for model, entry in official.items():
+        name = entry["backbone"]
+        config, state = ((large, large_w) if name.startswith("ViT-L-14") else
+                         (quick, quick_w) if "quickgelu" in name else (gelu, gelu_w))
+        out[model] = {"backbone": str(config), "pretrained": str(state),
+                      "checkpoint": str(head_path) if entry.get("checkpoint") else None}
+    return out
 
 
 def copy_repository(src: Path, dest: Path) -> Path:

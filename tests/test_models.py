@@ -1,9 +1,11 @@
 """Models on tiny random open_clip ViTs: last-block formulas, positional embeddings, checkpoints, loading."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -209,6 +211,16 @@ def test_clipdinoiser_checkpoint_layouts(tmp_path, tiny_gelu_config):
     torch.save({f"module.{k}": v for k, v in sd.items()}, plain)
     load_head_state_dict(str(plain), head)
     assert torch.equal(head.bkg_decoder.weight, sd["bkg_decoder.weight"])
+
+
+def test_clipdinoiser_needs_three_blocks(tmp_path, tiny_gelu_config):
+    cfg = json.loads(Path(tiny_gelu_config).read_text())
+    cfg["vision_cfg"]["layers"] = 2
+    two = tmp_path / "tiny-two-blocks.json"
+    two.write_text(json.dumps(cfg))
+    torch.save({"model_state_dict": _head_tensors(cfg["vision_cfg"]["width"])}, tmp_path / "last.pt")
+    with pytest.raises(ValueError, match=r"at least 3 blocks; .*tiny-two-blocks.* has 2"):
+        create_model("clipdinoiser", backbone=str(two), pretrained="none", checkpoint=str(tmp_path / "last.pt"))
 
 
 def test_clipdinoiser_checkpoint_is_strict(tmp_path):

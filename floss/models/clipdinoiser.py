@@ -128,6 +128,11 @@ class CLIPDINOiser(MaskCLIP):
             raise FileNotFoundError(f"checkpoint: CLIP-DINOiser head file {checkpoint} does not exist")
         super().__init__(backbone, pretrained, device=device, precision=precision, cache_dir=cache_dir,
                          allow_download=allow_download)
+        blocks = len(self.visual.transformer.resblocks)
+        if blocks < -self.inter_block:
+            raise ValueError(f"backbone: CLIP-DINOiser reads the output of block {blocks + self.inter_block} "
+                             f"({self.inter_block}), so it needs a ViT with at least {-self.inter_block} blocks; "
+                             f"{self.backbone!r} has {blocks}")
         self.head = CorrelationHead(int(self.visual.transformer.width)).to(self.device)
         if checkpoint is not None:
             load_head_state_dict(str(checkpoint), self.head, weights_only=checkpoint_weights_only)
