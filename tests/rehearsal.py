@@ -108,6 +108,13 @@ def make_weights(folder: Path) -> dict[str, dict[str, str]]:
             "model.bkg_decoder.bias": torch.zeros(1)}
     head_path = folder / "model_weights.pth"
     torch.save({"state_dict": head}, head_path)
+    # GEM's self-self path spans the last six blocks: deeper stand-ins for its entries
+    deep = {}
+    for seed, (name, src) in enumerate([("tiny-vit-quickgelu-6", quick), ("tiny-vit-l-quickgelu-6", large)], 4):
+        cfg = json.loads(src.read_text())
+        cfg["vision_cfg"]["layers"] = 6
+        (folder / f"{name}.json").write_text(json.dumps(cfg, indent=1))
+        deep[src] = (folder / f"{name}.json", _tiny_weights(folder / f"{name}.json", folder / f"{name}.pt", seed))
     # every weights entry of params.yaml, by the kind of its official backbone
     official = yaml.safe_load((paths.ROOT / "params.yaml").read_text())["extract"]["weights"]
     out = {}
@@ -115,6 +122,8 @@ def make_weights(folder: Path) -> dict[str, dict[str, str]]:
         name = entry["backbone"]
         config, state = ((large, large_w) if name.startswith("ViT-L-14") else
                          (quick, quick_w) if "quickgelu" in name else (gelu, gelu_w))
+        if model.startswith("gem") and config in deep:
+            config, state = deep[config]
         out[model] = {"backbone": str(config), "pretrained": str(state),
                       "checkpoint": str(head_path) if entry.get("checkpoint") else None}
     return out
