@@ -148,6 +148,10 @@ def unavailable_note(status: Mapping) -> str:
     kind, _, rest = reason.partition(" ")
     where = "the pinned URL" if kind == "url" else "the local folder" if kind == "local" else "the source"
     why = rest.split(": ", 1)[-1]
+    if kind == "url" and not why.startswith("HTTP Error"):
+        # connection errors read differently from machine to machine (resolver, proxy, timeout); the tables
+        # and figures that print this note must be the same bytes everywhere (status.json keeps the details)
+        why = "no network access"
     return f"The authors' published data was unavailable ({where}: {why[:160]}). To get it, " \
            f"{status.get('get_it') or GET_IT}."
 

@@ -41,3 +41,50 @@ def test_generated_blocks_match_their_files():
             pytest.skip(f"{path} not generated yet (dvc repro)")
         assert body == source.read_text().rstrip("\n") + "\n", f"README block of {path} is stale: " \
             "run python -m floss.report.readme"
+
+
+def _bash_block_after(text: str, heading: str) -> list[str]:
+    """The commands of the first ```bash block after ``heading`` (continuation lines joined)."""
+    section = text[text.index(heading):]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    return [line.strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def test_own_images_recipe_runs_as_printed(tmp_path, monkeypatch):
+    """The four commands of "FLOSS on your own images", run as printed in a folder holding what they name (a
+    tiny random CLIP-DINOiser substituted for the real weights)."""
+    import json
+    import shlex
+
+    import numpy as np
+    import torch
+
+    from conftest import TINY_GELU
+    from floss import cli
+    from floss.models.clipdinoiser import CorrelationHead
+    from layouts import random_image, random_label, write_image, write_label
+
+    commands = _bash_block_after(README.read_text(), "## FLOSS on your own images")
+    assert [c.split()[3] for c in commands] == ["rank", "segment", "extract", "evaluate"]
+    rng = np.random.default_rng(0)
+    for i, rel in enumerate(["street/a", "street/b", "c"]):
+        write_image(tmp_path / "my_images" / f"{rel}.jpg", random_image(rng, (40 + 8 * i, 72)))
+        write_label(tmp_path / "my_labels" / f"{rel}.png", random_label(rng, (40 + 8 * i, 72), 3))
+    (tmp_path / "classes.txt").write_text("road\ncar: automobile, vehicle\nsky\n")
+    width = json.loads(open(TINY_GELU).read())["vision_cfg"]["width"]
+    head = {f"model.{k}": v for k, v in CorrelationHead(width).state_dict().items()}
+    (tmp_path / "checkpoints/clip_dinoiser").mkdir(parents=True)
+    torch.save({"state_dict": head}, tmp_path / "checkpoints/clip_dinoiser/model_weights.pth")
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--backbone", TINY_GELU, "--pretrained", "none", "--device", "cpu", "--workers", "0"]
+    for command in commands:
+        argv = shlex.split(command)
+        assert argv[:3] == ["python", "-m", "floss"], command
+        argv = argv[3:] + (tiny if "--model" in argv else [])
+        assert cli.main(argv) == 0, command
+    experts = json.loads((tmp_path / "my_rankings.experts.json").read_text())
+    assert list(experts["experts"]) == ["road", "car", "sky"]
+    assert sorted(p.relative_to(tmp_path / "my_masks/floss").as_posix()
+                  for p in (tmp_path / "my_masks/floss").rglob("*.png")) == ["c.png", "street/a.png", "street/b.png"]
+    res = json.loads((tmp_path / "my_results.json").read_text())
+    assert {"baseline", "floss"} <= set(res["methods"])
