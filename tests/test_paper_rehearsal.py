@@ -32,7 +32,7 @@ AUTHORS = paths.SHARED / "reference" / "authors"
 def readme_recipe() -> str:
     """The README's paper command (the line after the `# the paper profile` marker in its bash block)."""
     text = README.read_text()
-    match = re.search(r"^(dvc exp run -S profile=paper -S data_root=\S+)", text, re.M)
+    match = re.search(r"^\s*(dvc exp run -S profile=paper -S data_root=\S+)", text, re.M)
     assert match, "README: the paper recipe `dvc exp run -S profile=paper -S data_root=...` is missing"
     return match.group(1)
 
