@@ -99,6 +99,10 @@ def top_experts(rankings: Mapping[str, Mapping], n: int = 4) -> dict[str, dict[s
     return out
 
 
+#: the recorded reason of a download that could not connect (whatever the machine's error text)
+NO_NETWORK = "no network access"
+
+
 def obtain_authors(dest: str | os.PathLike, *, url: str, local: str | os.PathLike | None = None,
                    timeout: float = 15.0) -> dict:
     """The pipeline's authors stage: ``local`` if given, else ``url``, else record the data as unavailable.
@@ -116,6 +120,11 @@ def obtain_authors(dest: str | os.PathLike, *, url: str, local: str | os.PathLik
         except (OSError, ValueError) as err:      # ConnectionError and FileNotFoundError are OSErrors
             # the download's own error (e.g. "Name or service not known") says more than the long URL
             why = str(err.__cause__) if isinstance(err, ConnectionError) and err.__cause__ else str(err)
+            if kind == "url" and not why.startswith("HTTP Error"):
+                # how a connection fails reads differently from machine to machine (resolver, proxy, timeout):
+                # status.json is a DVC output recorded in dvc.lock, so it says the same everywhere (the log
+                # keeps the details)
+                why = NO_NETWORK
             reasons.append(f"{kind} {source}: {why}")
             logger.warning("authors' data from %s %s unavailable: %s", kind, source, err)
             continue
@@ -148,10 +157,6 @@ def unavailable_note(status: Mapping) -> str:
     kind, _, rest = reason.partition(" ")
     where = "the pinned URL" if kind == "url" else "the local folder" if kind == "local" else "the source"
     why = rest.split(": ", 1)[-1]
-    if kind == "url" and not why.startswith("HTTP Error"):
-        # connection errors read differently from machine to machine (resolver, proxy, timeout); the tables
-        # and figures that print this note must be the same bytes everywhere (status.json keeps the details)
-        why = "no network access"
     return f"The authors' published data was unavailable ({where}: {why[:160]}). To get it, " \
            f"{status.get('get_it') or GET_IT}."
 
