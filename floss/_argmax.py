@@ -31,8 +31,8 @@ matrices (80·19·1024·2048 = 3.2e9 at Cityscapes size); that is what made it s
    replicated the same way. Remaining difference: the fused multiply-adds are emulated in float64 (exact
    products, then a rounding to float64 and one to float32), which differs from a true FMA only when that
    double rounding meets a float32 midpoint (probability ~2⁻²⁹ per value); an argmax can then differ only
-   where the renderer's two top classes tie to the last bit. ``window_scores`` returns contiguous maps:
-   ``F.interpolate`` takes another kernel, with other rounding, on a channels-last-like layout.
+   where the renderer's two top classes tie to the last bit. The renderer upsamples contiguous copies of the
+   window maps: ``F.interpolate`` takes another kernel, with other rounding, on a channels-last-like layout.
 
 Non-grid window layouts, small fp32 images (which the renderer draws with its composed-matrix shortcut,
 ``_Renderer.fast_ok``) and tiny sizes where ``F.interpolate`` does not compute the two-tap formulas (checked on

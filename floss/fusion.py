@@ -120,6 +120,21 @@ def _check_inputs(expert_probs: torch.Tensor, fallback_probs: torch.Tensor, stra
                          f"expert_probs, received {fallback_probs.dtype} on {fallback_probs.device}")
 
 
+def _flat_inputs(expert_probs: torch.Tensor, fallback_probs: torch.Tensor, chunk_pixels: int | None,
+                 normalized: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``[E, K, P]`` experts and ``[K, P]`` fallback (views for contiguous inputs, fallback checked) and the
+    pixels per chunk (default: about ``CHUNK_BYTES`` of expert values)."""
+    num_experts, num_classes, height, width = expert_probs.shape
+    if chunk_pixels is None:
+        chunk_pixels = max(1, CHUNK_BYTES // max(1, num_experts * num_classes * expert_probs.element_size()))
+    elif isinstance(chunk_pixels, bool) or not isinstance(chunk_pixels, int) or chunk_pixels < 1:
+        raise ValueError(f"chunk_pixels: expected a positive int or None, received {chunk_pixels!r}")
+    experts = expert_probs.reshape(num_experts, num_classes, height * width)
+    fallback = fallback_probs.reshape(num_classes, height * width)
+    _check_chunk("fallback_probs", fallback, dim=0, normalized=normalized)
+    return experts, fallback, chunk_pixels
+
+
 def fuse(expert_probs: torch.Tensor, fallback_probs: torch.Tensor, strategy: str = "highest",
          chunk_pixels: int | None = None, *, return_source: bool = False, normalized: bool = True):
     """Fuse expert soft maps into one soft map.
@@ -139,15 +154,9 @@ def fuse(expert_probs: torch.Tensor, fallback_probs: torch.Tensor, strategy: str
     """
     _check_strategy(strategy)
     _check_inputs(expert_probs, fallback_probs, strategy)
-    num_experts, num_classes, height, width = expert_probs.shape
-    pixels = height * width
-    if chunk_pixels is None:
-        chunk_pixels = max(1, CHUNK_BYTES // max(1, num_experts * num_classes * expert_probs.element_size()))
-    elif isinstance(chunk_pixels, bool) or not isinstance(chunk_pixels, int) or chunk_pixels < 1:
-        raise ValueError(f"chunk_pixels: expected a positive int or None, received {chunk_pixels!r}")
-    experts = expert_probs.reshape(num_experts, num_classes, pixels)   # a view for contiguous inputs
-    fallback = fallback_probs.reshape(num_classes, pixels)
-    _check_chunk("fallback_probs", fallback, dim=0, normalized=normalized)
+    experts, fallback, chunk_pixels = _flat_inputs(expert_probs, fallback_probs, chunk_pixels, normalized)
+    num_classes, pixels = fallback.shape
+    height, width = expert_probs.shape[-2:]
     fused = torch.empty_like(fallback)
     source = torch.empty(pixels, dtype=torch.long, device=fallback.device) if return_source else None
     for start in range(0, pixels, chunk_pixels):
@@ -171,15 +180,9 @@ def fuse_many(expert_probs: torch.Tensor, fallback_probs: torch.Tensor, strategi
         return []
     needs_agreement = any(s != "average_all" for s in strategies)
     _check_inputs(expert_probs, fallback_probs, "highest" if needs_agreement else "average_all")
-    num_experts, num_classes, height, width = expert_probs.shape
-    pixels = height * width
-    if chunk_pixels is None:
-        chunk_pixels = max(1, CHUNK_BYTES // max(1, num_experts * num_classes * expert_probs.element_size()))
-    elif isinstance(chunk_pixels, bool) or not isinstance(chunk_pixels, int) or chunk_pixels < 1:
-        raise ValueError(f"chunk_pixels: expected a positive int or None, received {chunk_pixels!r}")
-    experts = expert_probs.reshape(num_experts, num_classes, pixels)
-    fallback = fallback_probs.reshape(num_classes, pixels)
-    _check_chunk("fallback_probs", fallback, dim=0, normalized=normalized)
+    experts, fallback, chunk_pixels = _flat_inputs(expert_probs, fallback_probs, chunk_pixels, normalized)
+    num_classes, pixels = fallback.shape
+    height, width = expert_probs.shape[-2:]
     fused = [torch.empty_like(fallback) for _ in strategies]
     for start in range(0, pixels, chunk_pixels):
         stop = min(start + chunk_pixels, pixels)

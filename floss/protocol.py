@@ -182,7 +182,7 @@ class _Renderer:
         canvas = canvas / self.count[r0:r1].to(canvas_dtype)
         if not self.resize:
             return canvas
-        canvas = canvas.float().contiguous()
+        canvas = canvas.float()
         if (a, b) == (0, self.out_size[0]):
             return F.interpolate(canvas[None], size=self.out_size, mode="bilinear", align_corners=False)[0]
         return _separable(self.rows[a:b, r0:r1], canvas, self.cols)
@@ -207,8 +207,7 @@ def window_scores(record: ImageRecord, classifiers: torch.Tensor, settings, soft
     cos = cosines(record.feats.to(device), classifiers.to(device))
     if getattr(settings, "logits_fp16", False):        # an fp16 model's logits are fp16 values (protocol §1.2)
         cos = cos.half().float()
-    # contiguous: F.interpolate's kernel (and so the renderer's last bit) depends on the memory layout
-    return (stable_softmax(settings.logit_scale * cos, dim=2) if softmax else cos).contiguous()
+    return stable_softmax(settings.logit_scale * cos, dim=2) if softmax else cos
 
 
 def cosines(feats: torch.Tensor, classifiers: torch.Tensor) -> torch.Tensor:
