@@ -33,13 +33,14 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from floss._io import atomic_write, atomic_write_text
+from floss.provenance import file_sha256  # noqa: F401  (shards' sha256; part of this module's API)
 
 logger = logging.getLogger(__name__)
 
@@ -75,16 +76,6 @@ def shard_name(rank: int, world_size: int, index: int) -> str:
     return f"rank{rank:03d}-of-{world_size:03d}-{index:05d}"
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file (used for shards and for weights files in fingerprints)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
@@ -94,14 +85,17 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
 
 
-def fingerprint_differences(cached: Mapping, expected: Mapping) -> list[str]:
-    """Human-readable ``key: cached=... expected=...`` lines for every key whose value differs."""
+def fingerprint_differences(cached: Mapping, expected: Mapping, prefix: str = "") -> list[str]:
+    """Human-readable ``key: cached=... expected=...`` lines for every key whose value differs; nested dicts
+    (settings, code) are compared key by key (``settings.scale: ...``)."""
     cached, expected = _jsonable(dict(cached)), _jsonable(dict(expected))
     lines = []
     for key in sorted(set(cached) | set(expected)):
         a, b = cached.get(key, "<absent>"), expected.get(key, "<absent>")
-        if a != b:
-            lines.append(f"{key}: cached={a!r} expected={b!r}")
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += fingerprint_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            lines.append(f"{prefix}{key}: cached={a!r} expected={b!r}")
     return lines
 
 
@@ -153,8 +147,9 @@ def merge_partial_manifests(root: str | os.PathLike, write: bool = True) -> dict
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
         raise CacheError(f"{root}: image ids written by several ranks: {dup}")
-    manifest = {k: v for k, v in first.items() if k not in ("rank", "finished", "images", "shards")}
+    manifest = {k: v for k, v in first.items() if k not in ("rank", "finished", "images", "shards", "processed")}
     manifest["images"] = images
+    manifest["skipped"] = sorted((s for p in parts.values() for s in p.get("skipped", [])), key=lambda s: s["id"])
     manifest["shards"] = sorted((s for p in parts.values() for s in p["shards"]), key=lambda s: s["name"])
     manifest["complete"] = True
     if write:
@@ -168,12 +163,18 @@ class CacheWriter:
     """Write one rank's share of a cache; resumable; see the module docstring for the layout.
 
     ``meta``: {"model", "dataset", "split", "class_names", "query_names", "query_to_class", "settings"};
-    ``fingerprint``: flat dict identifying everything the features depend on; ``text``: [M, Q, D] float.
+    ``fingerprint``: flat dict identifying everything the features depend on (code, weights, settings, and an
+    ``inputs`` digest of the whole input list); ``text``: [M, Q, D] float; ``inputs``: this rank's
+    ``[id, file identity]`` pairs in processing order (:func:`floss.provenance.input_identities`).
+
+    Reuse (:mod:`floss.provenance`): an earlier run here with other code, weights or settings is discarded; with
+    other inputs, its leading shards that hold exactly the leading current inputs are kept and the rest is
+    extracted again; a line in the log says which. The result equals a fresh extraction byte for byte.
     """
 
     def __init__(self, path: str | os.PathLike, meta: Mapping, fingerprint: Mapping, text: torch.Tensor,
                  rank: int = 0, world_size: int = 1, images_per_shard: int = 256,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, inputs: Sequence[Sequence[str]] | None = None):
         missing = [k for k in META_KEYS if k not in meta]
         if missing:
             raise ValueError(f"meta: missing keys {missing}; expected {list(META_KEYS)}")
@@ -195,6 +196,8 @@ class CacheWriter:
         self.fingerprint = _jsonable(dict(fingerprint))
         self.feature_dim = int(text.shape[2])
         self._buffer: list[ImageRecord] = []
+        self._inputs = [list(x) for x in inputs] if inputs is not None else None
+        self._sources = dict(map(tuple, self._inputs or []))
         (self.root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
         self._partial_path = self.root / f"manifest.rank{rank}.json"
         self._state = self._fresh_state(meta, text)
@@ -207,50 +210,144 @@ class CacheWriter:
         state.update(_jsonable({k: meta[k] for k in META_KEYS}))
         state.update(num_templates=int(text.shape[0]), feature_dim=self.feature_dim,
                      dtype=str(self.dtype).removeprefix("torch."), world_size=self.world_size, rank=self.rank,
-                     images_per_shard=self.images_per_shard, finished=False, images=[], shards=[])
+                     images_per_shard=self.images_per_shard, finished=False, images=[], shards=[], skipped=[],
+                     processed=[])
         return state
 
-    def _refuse_if_stale(self, manifest: dict, source: Path) -> None:
-        diff = fingerprint_differences(manifest.get("fingerprint", {}), self.fingerprint)
+    def _wipe(self, reason: str) -> None:
+        """Remove every file of an earlier extraction here (manifests, text, shards): it cannot be reused."""
+        logger.info("%s: %s; extracting every image again", self.root, reason)
+        for p in [self.root / MANIFEST, self.root / TEXT_FILE, *self.root.glob("manifest.rank*.json"),
+                  *(self.root / SHARD_DIR).glob("*.safetensors")]:
+            p.unlink(missing_ok=True)
+
+    def _stale_reason(self, manifest: dict, source: Path) -> str | None:
+        """Why ``manifest`` (of an earlier run) cannot be extended, or None. Inputs alone are no reason: the
+        images that are still the same keep their shards (:meth:`_keep_prefix`)."""
+        diff = [d for d in fingerprint_differences(manifest.get("fingerprint", {}), self.fingerprint)
+                if not d.startswith("inputs:")]
         if diff:
-            raise CacheError(f"{source} was written with a different fingerprint (stale cache); differing keys: "
-                             + "; ".join(diff) + ". Delete the folder or choose another --out.")
+            return f"{source.name} was written by other code, weights or settings (" + "; ".join(diff) + ")"
+        if manifest.get("format") != FORMAT:
+            return f"{source.name} has cache format {manifest.get('format')!r}, expected {FORMAT}"
+        if "world_size" in manifest and manifest["world_size"] != self.world_size:
+            return f"{source.name} was written by {manifest['world_size']} processes, now {self.world_size}"
+        return None
 
     def _resume(self, text: torch.Tensor) -> None:
         complete = self.root / MANIFEST
         if complete.exists():
             manifest = _read_json(complete)
-            self._refuse_if_stale(manifest, complete)
-            if manifest.get("complete"):
+            reason = self._stale_reason(manifest, complete)
+            if reason:
+                self._wipe(reason)
+            elif manifest.get("complete") and not fingerprint_differences(manifest["fingerprint"], self.fingerprint):
                 self.complete = True
-                self.done_ids = {im["id"] for im in manifest["images"]}
+                self.done_ids = {im["id"] for im in manifest["images"] + manifest.get("skipped", [])}
                 logger.info("%s is already complete (%d images): nothing to extract", self.root, len(self.done_ids))
                 return
+            else:
+                complete.unlink()          # some inputs changed: rebuilt from the rank manifests below
         for r, part in _partial_manifests(self.root).items():
-            self._refuse_if_stale(part, self.root / f"manifest.rank{r}.json")
-            if part["world_size"] != self.world_size:
-                raise CacheError(f"{self.root}: an extraction with world size {part['world_size']} was started "
-                                 f"here; resume it with the same number of processes (received {self.world_size}) "
-                                 "or delete the folder")
+            reason = self._stale_reason(part, self.root / f"manifest.rank{r}.json")
+            if reason:
+                self._wipe(reason)
+                break
         text_path = self.root / TEXT_FILE
         text32 = text.detach().to("cpu", torch.float32).contiguous()
         if text_path.exists():
             with safe_open(text_path, framework="pt") as f:
                 old = f.get_tensor("templates")
             if old.shape != text32.shape or not torch.equal(old, text32):
-                raise CacheError(f"{text_path}: text embeddings differ from the current model's; delete the folder")
-        else:
+                self._wipe(f"{TEXT_FILE} holds other text embeddings")
+        if not text_path.exists():
             _atomic_save({"templates": text32}, text_path, {"format": str(FORMAT)})
         if self._partial_path.exists():
-            old = _read_json(self._partial_path)
-            # keep only shards whose file survived (a crash between shard and manifest write is harmless)
-            keep = [s for s in old["shards"] if (self.root / SHARD_DIR / f"{s['name']}.safetensors").exists()]
-            names = {s["name"] for s in keep}
-            self._state["shards"] = keep
-            self._state["images"] = [im for im in old["images"] if im["shard"] in names]
-        self.done_ids = {im["id"] for im in self._state["images"]}
+            self._keep_prefix(_read_json(self._partial_path))
+        self.done_ids = {i for i, _ in self._state["processed"]}
         if self.done_ids:
             logger.info("resuming rank %d of %s: %d images already cached", self.rank, self.root, len(self.done_ids))
+
+    def _keep_prefix(self, old: dict) -> None:
+        """Keep the leading shards of an earlier run whose images are, in order, the leading current inputs with
+        the same files (and the images buffered when it stopped, :meth:`_save_pending`); delete the rest. The
+        shards then hold exactly the bytes a fresh extraction writes."""
+        from floss.provenance import describe_input_change, reusable_prefix
+
+        pending = self._load_pending()
+        processed = list(old.get("processed", []))        # the pending images are its last non-skipped entries
+        inputs = self._inputs if self._inputs is not None else processed   # no input list: trust the ids
+        n = reusable_prefix(processed, inputs)
+        if n < len(processed):
+            logger.info("%s: inputs changed since the last run (%s): re-extracting from image %d of %d", self.root,
+                        describe_input_change(processed, inputs), n + 1, len(inputs))
+        position = {image_id: k for k, (image_id, _) in enumerate(processed)}
+        end, keep = -1, []            # end: input position of the last image of the last kept shard
+        images = {}
+        for im in old["images"]:
+            images.setdefault(im["shard"], []).append(im)
+        for s in old["shards"]:
+            last = max(position.get(im["id"], n) for im in images.get(s["name"], []))
+            full = s["num_images"] == old.get("images_per_shard", self.images_per_shard)
+            exists = (self.root / SHARD_DIR / f"{s['name']}.safetensors").exists()
+            if not (exists and last < n and (full or n == len(processed) == len(inputs) and not pending)):
+                break
+            keep.append(s)
+            end = last
+        names = {s["name"] for s in keep}
+        for s in old["shards"]:
+            if s["name"] not in names:
+                (self.root / SHARD_DIR / f"{s['name']}.safetensors").unlink(missing_ok=True)
+        self._state["shards"] = keep
+        self._state["images"] = [im for im in old["images"] if im["shard"] in names]
+        self._state["skipped"] = [sk for sk in old.get("skipped", []) if position.get(sk["id"], n) <= end]
+        self._state["processed"] = processed[:end + 1]
+        # the buffered images of an interrupted run: reused when they directly follow the kept shards
+        first, stop = (position.get(pending[0][0][0], n), position.get(pending[-1][0][0], n)) if pending else (0, n)
+        if pending and end < first and stop < n:       # between the shards and the buffer only skipped images
+            self._state["skipped"] += [sk for sk in old.get("skipped", []) if end < position.get(sk["id"], n) <= stop]
+            self._state["processed"] = processed[:stop + 1]
+            self._buffer = [rec for _, rec in pending]
+            logger.info("%s: %d buffered images of the interrupted run reused", self.root, len(self._buffer))
+        if len(keep) < len(old["shards"]):
+            logger.info("%s: %d of %d shards kept", self.root, len(keep), len(old["shards"]))
+
+    # -- interruption --------------------------------------------------------------------------------------
+    @property
+    def _pending_path(self) -> Path:
+        return self.root / SHARD_DIR / f"pending.rank{self.rank}.safetensors"
+
+    def _save_pending(self) -> None:
+        """On an error, keep the buffered (not yet sharded) images, so no finished work is lost."""
+        if not self._buffer:
+            return
+        tensors, entries = {}, []
+        for i, rec in enumerate(self._buffer):
+            tensors[f"{i}/feats"], tensors[f"{i}/boxes"] = rec.feats, rec.boxes
+            if rec.label is not None:
+                tensors[f"{i}/label"] = rec.label
+            entries.append({"id": rec.id, "source": self._source(rec.id), "orig_size": list(rec.orig_size),
+                            "resized_size": list(rec.resized_size)})
+        _atomic_save(tensors, self._pending_path, {"entries": json.dumps(entries)})
+        logger.info("%s: %d extracted images kept for the next run", self.root, len(entries))
+
+    def _load_pending(self) -> list[tuple[list[str], ImageRecord]]:
+        path = self._pending_path
+        if not path.exists():
+            return []
+        out = []
+        with safe_open(path, framework="pt") as f:
+            entries = json.loads(f.metadata()["entries"])
+            for i, e in enumerate(entries):
+                label = f.get_tensor(f"{i}/label") if f"{i}/label" in f.keys() else None
+                rec = ImageRecord(e["id"], f.get_tensor(f"{i}/feats"), f.get_tensor(f"{i}/boxes"),
+                                  tuple(e["resized_size"]), tuple(e["orig_size"]), label)
+                out.append(([e["id"], e["source"]], rec))
+        path.unlink()
+        return out
+
+    def _source(self, image_id: str) -> str:
+        return self._sources.get(image_id, "")
 
     # -- writing -----------------------------------------------------------------------------------------
     def add(self, record: ImageRecord) -> None:
@@ -260,8 +357,17 @@ class CacheWriter:
         if record.id in self.done_ids or any(r.id == record.id for r in self._buffer):
             raise ValueError(f"record.id: {record.id!r} is already in the cache")
         self._buffer.append(self._validated(record))
+        self._state["processed"].append([record.id, self._source(record.id)])
         if len(self._buffer) >= self.images_per_shard:
             self._flush()
+
+    def skip(self, image_id: str, reason: str) -> None:
+        """Record an input that could not be used (``--on-bad-image skip``): listed in the manifest's ``skipped``."""
+        if self.complete:
+            raise CacheError(f"{self.root} is complete; refusing to skip {image_id!r}")
+        self._state["skipped"].append({"id": image_id, "source": self._source(image_id), "reason": reason})
+        self._state["processed"].append([image_id, self._source(image_id)])
+        self.done_ids.add(image_id)
 
     def _validated(self, rec: ImageRecord) -> ImageRecord:
         if not isinstance(rec.id, str) or not rec.id:
@@ -308,7 +414,8 @@ class CacheWriter:
         _atomic_save(tensors, path, {"ids": json.dumps([r.id for r in self._buffer])})
         self._state["shards"].append({"name": name, "rank": self.rank, "num_images": len(self._buffer),
                                       "sha256": file_sha256(path)})
-        self._state["images"] += [{"id": r.id, "shard": name, "index": i, "orig_size": list(r.orig_size),
+        self._state["images"] += [{"id": r.id, "source": self._source(r.id), "shard": name, "index": i,
+                                   "orig_size": list(r.orig_size),
                                    "resized_size": list(r.resized_size), "num_windows": r.num_windows,
                                    "has_label": r.label is not None} for i, r in enumerate(self._buffer)]
         self.done_ids.update(r.id for r in self._buffer)
@@ -336,10 +443,13 @@ class CacheWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        # on an error the buffered (unwritten) images are dropped on purpose: a rerun recomputes them into
-        # the same shard, so an interrupted and an uninterrupted extraction give identical shards
+        # on an error the buffered images are kept aside (not sharded: a short shard would make the resumed
+        # cache differ from an uninterrupted one); the next run puts them back in its buffer
         if exc_type is None:
             self.close()
+        else:
+            self._save_pending()
+            atomic_write_text(self._partial_path, json.dumps(self._state, indent=1))
 
 
 class FeatureCache:

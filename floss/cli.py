@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.metadata
 import logging
 import os
 import sys
@@ -24,6 +23,7 @@ from typing import Callable
 import torch
 
 from floss.cache import CacheError
+from floss.provenance import floss_version
 
 logger = logging.getLogger("floss.cli")
 
@@ -43,12 +43,6 @@ def add_subcommand(name: str, configure: Callable[[argparse.ArgumentParser], Non
     COMMANDS[name] = (help, configure, run)
 
 
-def floss_version() -> str:
-    try:
-        return importlib.metadata.version("floss")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
 
 
 # ------------------------------------------------------------------------------------------------ extract
@@ -63,6 +57,13 @@ def _configure_extract(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
                    help="feature precision on disk: fp32 (exact, default) or fp16 (half the disk; see the README)")
     p.add_argument("--images-per-shard", type=int, default=256)
+    _configure_bad_images(p)
+
+
+def _configure_bad_images(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--on-bad-image", choices=("stop", "skip"), default="stop",
+                   help="an unreadable or too-small image: stop naming it (default), or skip it and list it with "
+                        "its reason in <out>.skipped.json")
 
 
 def _configure_model(p: argparse.ArgumentParser) -> None:
@@ -76,6 +77,21 @@ def _configure_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-cache", type=Path, help="folder of cached text embeddings (default ~/.cache/floss/text)")
 
 
+def check_weight_file(flag: str, value) -> None:
+    """A weight file named on the command line exists and looks loadable (refused before any other work)."""
+    from floss.provenance import weight_file_problem
+
+    if value is None or value == "none":
+        return
+    path = Path(value)
+    if path.is_dir():
+        raise ValueError(f"{flag}: {value} is a folder; expected a weight file")
+    if path.suffix in (".pt", ".pth", ".bin", ".safetensors", ".ckpt") and not path.is_file():
+        raise FileNotFoundError(f"{flag}: weight file {value} does not exist")
+    if path.is_file() and (problem := weight_file_problem(path)):
+        raise ValueError(f"{flag}: {problem}")
+
+
 def load_model(args: argparse.Namespace, device):
     """The model of ``--model/--backbone/--pretrained/--checkpoint/--precision`` on ``device``."""
     from floss.extraction import resolve_precision
@@ -85,6 +101,8 @@ def load_model(args: argparse.Namespace, device):
         raise ValueError(f"--model: unknown model {args.model!r}; available: {', '.join(available_models())}")
     if args.workers < 0:
         raise ValueError(f"--workers: expected a non-negative integer, received {args.workers}")
+    for flag, value in (("--pretrained", args.pretrained), ("--checkpoint", args.checkpoint)):
+        check_weight_file(flag, value)
     precision = resolve_precision(args.model, args.precision, device)
     if args.pretrained == "none":
         torch.manual_seed(0)      # random weights must be identical across ranks and resumed runs
@@ -95,7 +113,8 @@ def load_model(args: argparse.Namespace, device):
 
 def run_extract(args: argparse.Namespace) -> int:
     from floss import distributed
-    from floss.extraction import cache_fingerprint, extract_split, text_embeddings
+    from floss.extraction import cache_fingerprint, extract_split, text_embeddings, write_skipped_report
+    from floss.provenance import input_identities
 
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit: expected a positive integer, received {args.limit}")
@@ -103,6 +122,7 @@ def run_extract(args: argparse.Namespace) -> int:
     source = ImageSource(args, labels=True, model=args.model)     # checks the layout before any model work
     ds = source.ds
     ids = sorted(ds.ids)[:args.limit] if args.limit else sorted(ds.ids)
+    inputs = input_identities(ds, ids)
     device = distributed.device_for(args.device, ctx)
     model = load_model(args, device)
     settings = model.protocol_settings(source.settings_dataset, args.protocol)   # a plug-in model brings its own
@@ -110,9 +130,12 @@ def run_extract(args: argparse.Namespace) -> int:
     meta = {"model": args.model, "dataset": source.dataset, "split": ds.split, "class_names": source.class_names,
             "query_names": source.queries, "query_to_class": source.query_to_class, "settings": settings.to_dict()}
     fingerprint = cache_fingerprint(model, args.model, source.dataset, ds.split, settings, dtype=args.dtype,
-                                    limit=args.limit, pretrained=args.pretrained, checkpoint=args.checkpoint)
+                                    limit=args.limit, pretrained=args.pretrained, checkpoint=args.checkpoint,
+                                    inputs=inputs)
     distributed.init_process_group(ctx)
-    extract_split(model, ds, args.out, ids=distributed.shard(ids, ctx), settings=settings, text=text, meta=meta,
+    mine = distributed.shard(ids, ctx)
+    extract_split(model, ds, args.out, ids=mine, inputs=[x for x in inputs if x[0] in set(mine)],
+                  on_bad_image=args.on_bad_image, settings=settings, text=text, meta=meta,
                   fingerprint=fingerprint, dtype=torch.float16 if args.dtype == "fp16" else torch.float32,
                   rank=ctx.rank, world_size=ctx.world_size, images_per_shard=args.images_per_shard,
                   workers=args.workers)
@@ -122,6 +145,7 @@ def run_extract(args: argparse.Namespace) -> int:
         cache = FeatureCache(args.out)          # merges the partial manifests if no rank did yet
         logger.info("feature cache %s: %d images, %.2f MiB per image on disk", args.out, len(cache),
                     cache.bytes_per_image() / 2**20)
+        write_skipped_report(cache.manifest.get("skipped", []), Path(str(args.out).rstrip("/") + ".skipped.json"))
     distributed.shutdown()
     return 0
 
@@ -142,6 +166,7 @@ def _configure_rank(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state", type=Path, help="images: resumable checkpoint folder (default: <out>.state/)")
     p.add_argument("--track-images", action="store_true", help="keep per-image records (for subset analyses)")
     p.add_argument("--template-chunk", type=int, default=8, help="templates classified at once (memory)")
+    _configure_bad_images(p)
 
 
 def _configure_images(p: argparse.ArgumentParser, split_default: str | None = None) -> None:
@@ -200,9 +225,14 @@ def rankings_keys(cache) -> list[str]:
 
 
 def run_rank(args: argparse.Namespace) -> int:
+    from floss.extraction import write_skipped_report
     from floss.rankings import save_rankings
 
     metrics = list(dict.fromkeys(args.metric))
+    if args.n_experts < 1:
+        raise ValueError(f"--n-experts: expected a positive integer, received {args.n_experts}")
+    if args.template_chunk < 1:
+        raise ValueError(f"--template-chunk: expected a positive integer, received {args.template_chunk}")
     if len(metrics) > 1 and "{metric}" not in str(args.out):
         raise ValueError(f"--out: with several metrics ({metrics}) the path must contain '{{metric}}', "
                          f"received {args.out}")
@@ -216,11 +246,16 @@ def run_rank(args: argparse.Namespace) -> int:
         if done is None:         # a torchrun rank other than 0
             return 0
         st, keys, meta = done
+    skipped = (st.extra or {}).get("skipped") if args.features is None else None
     for metric in metrics:
         rankings = st.rankings(keys, metric=metric, **meta)
+        if skipped is not None:      # ranked from images: how many were left out, listed in <out>.skipped.json
+            rankings["images"], rankings["skipped_images"] = st.num_images, len(skipped)
         path = Path(str(args.out).replace("{metric}", metric))
         save_rankings(rankings, path, metric=metric)
         logger.info("wrote %s rankings to %s", metric, path)
+    if skipped is not None:
+        write_skipped_report(skipped, Path(str(args.out).replace("{metric}", "all")).with_suffix(".skipped.json"))
     if args.stats_out:
         st.save(args.stats_out)
         logger.info("wrote template statistics to %s", args.stats_out)
@@ -248,8 +283,7 @@ def _rank_from_cache(args: argparse.Namespace, metrics: list[str]):
 def _rank_from_images(args: argparse.Namespace, metrics: list[str]):
     """Cache-free ranking (floss.extraction.rank_images): sharded over torchrun ranks, resumable (--state)."""
     from floss import distributed
-    from floss.extraction import cache_fingerprint, rank_images, text_embeddings
-    from floss.stats import TemplateStats
+    from floss.extraction import cache_fingerprint, rank_dataset, text_embeddings
 
     source = ImageSource(args, labels=False, model=args.model)
     ctx = distributed.context()
@@ -260,19 +294,16 @@ def _rank_from_images(args: argparse.Namespace, metrics: list[str]):
     state_dir = args.state or Path(str(args.out).replace("{metric}", "all") + ".state")
     fingerprint = {**cache_fingerprint(model, args.model, source.dataset, source.ds.split, settings, dtype="none",
                                        pretrained=args.pretrained, checkpoint=args.checkpoint),
-                   "metrics": metrics, "world_size": ctx.world_size, "queries": source.queries}
+                   "metrics": metrics, "queries": source.queries, "track_images": args.track_images,
+                   "on_bad_image": args.on_bad_image}
     distributed.init_process_group(ctx)
-    st = rank_images(model, source.ds, distributed.shard(sorted(source.ds.ids), ctx), settings, text,
-                     source.query_to_class, metrics=metrics, track_images=args.track_images,
-                     state=state_dir / f"rank{ctx.rank}.safetensors", fingerprint=fingerprint, workers=args.workers,
-                     template_chunk=args.template_chunk)
-    distributed.barrier()
-    if not ctx.is_main:
-        distributed.shutdown()
-        return None
-    for r in range(1, ctx.world_size):
-        st = st.merge(TemplateStats.load(state_dir / f"rank{r}.safetensors", device=st.device))
+    st = rank_dataset(model, source.ds, settings, text, source.query_to_class, ctx=ctx,
+                      state_of=lambda r: state_dir / f"rank{r}.safetensors", fingerprint=fingerprint,
+                      metrics=metrics, track_images=args.track_images, workers=args.workers,
+                      template_chunk=args.template_chunk, on_bad_image=args.on_bad_image)
     distributed.shutdown()
+    if st is None:
+        return None
     return st, source.keys, {"model": args.model, "dataset": source.dataset, "split": source.ds.split}
 
 

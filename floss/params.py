@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import yaml
 
 from floss import paths
+from floss.provenance import weight_file_problem
 
 #: matrix keys -> (registered model, the official open_clip backbone, pretrained tag) the paper profile runs;
 #: ``<model>_vitl14`` is the same method on CLIP ViT-L/14 (Table 5)
@@ -44,7 +45,7 @@ _SECTIONS = {
     "authors": {"url", "local", "timeout_s"},
     "transfer": {"models", "datasets"},
     "extract": {"protocol", "device", "gpus", "precision", "cache_dtype", "workers", "images_per_shard",
-                "dataset_dirs", "weights"},
+                "on_bad_image", "dataset_dirs", "weights"},
     "synthetic": {"seed", "feature_dim", "planted_per_class", "images"},
     "rank": {"source", "metrics", "device"},
     "evaluate": {"n_experts", "metric", "fusions", "per_template", "device"},
@@ -153,6 +154,7 @@ def validate_params(params: Any, *, check_paths: bool = True) -> dict:
     _choice(ex["cache_dtype"], "extract.cache_dtype", ("fp32", "fp16"))
     _int(ex, "extract.workers", 0, 64)
     _int(ex, "extract.images_per_shard", 1)
+    _choice(ex["on_bad_image"], "extract.on_bad_image", ("stop", "skip"))
     dirs = ex.get("dataset_dirs", {})
     if not isinstance(dirs, Mapping):
         _fail("extract.dataset_dirs", "a mapping dataset -> folder", dirs)
@@ -225,12 +227,16 @@ def _weights_problem(model: str, entry: Mapping) -> tuple[str, str] | None:
         resolve_weights(name, pretrained)
     except (ValueError, FileNotFoundError) as err:
         return f"{key}.pretrained", str(err)
+    if os.path.isfile(pretrained) and (problem := weight_file_problem(pretrained)):
+        return f"{key}.pretrained", problem
     checkpoint = entry["checkpoint"]
     if model == "clipdinoiser" and not checkpoint and pretrained != "none":
         return f"{key}.checkpoint", ("CLIP-DINOiser needs its head weights: the authors' "
                                      "checkpoints/clip_dinoiser/model_weights.pth or the original last.pt")
     if checkpoint and not paths.from_root(checkpoint).is_file():
         return f"{key}.checkpoint", f"{paths.from_root(checkpoint)} does not exist"
+    if checkpoint and (problem := weight_file_problem(paths.from_root(checkpoint))):
+        return f"{key}.checkpoint", problem
     if checkpoint and model != "clipdinoiser":
         return f"{key}.checkpoint", f"only clipdinoiser takes a head checkpoint, {model} received {checkpoint!r}"
     return None
@@ -244,15 +250,25 @@ def dataset_folder(params: Mapping, dataset: str) -> Path:
     return paths.from_root(params["data_root"]) / folder
 
 
-def needed_splits(params: Mapping) -> dict[str, set[str]]:
-    """dataset -> the splits the paper profile reads from disk (train for ranking, val for evaluation)."""
-    need: dict[str, set[str]] = {}
+def needed_splits(params: Mapping) -> dict[str, dict[str, bool]]:
+    """dataset -> {split: whether its labels are read}: what the paper profile reads from disk (train for ranking,
+    unlabelled when ranked straight from the images; val for evaluation)."""
+    need: dict[str, dict[str, bool]] = {}
+    train_labels = params["rank"]["source"] == "cache"      # a train cache stores labels; ranking never reads them
     for datasets in params["models"].values():
         for d in datasets:
-            need.setdefault(d, set()).update(("train", "val"))
+            need.setdefault(d, {}).update(train=train_labels or need.get(d, {}).get("train", False), val=True)
     for d in params["transfer"]["datasets"] if params["transfer"]["models"] else ():
-        need.setdefault(d, set()).add("val")
+        need.setdefault(d, {})["val"] = True
     return need
+
+
+def low_data_datasets(params: Mapping) -> list[str]:
+    """The datasets of the low-data analysis (Fig. 3) that this run ranks: ``low_data.datasets`` that the
+    ``low_data.model`` is run on (a subset of the matrix leaves the others "not run")."""
+    low = params.get("low_data") or {}
+    ranked = params["models"].get(low.get("model"), [])
+    return [d for d in low.get("datasets", []) if d in ranked]
 
 
 def check_paper_inputs(params: Mapping) -> None:
@@ -276,8 +292,8 @@ def check_paper_inputs(params: Mapping) -> None:
             if split not in layout.splits:
                 raise ParamsError(f"params.yaml: models: {d} has no {split!r} split (splits: {list(layout.splits)})")
             dirs = layout.splits[split]
-            for what, rel in (("image folder", dirs.img_dir), ("label folder", dirs.label_dir),
-                              ("split file", dirs.split_file)):
+            for what, rel in (("image folder", dirs.img_dir), ("label folder", dirs.label_dir if splits[split]
+                                                                 else None), ("split file", dirs.split_file)):
                 if rel and not (root / rel).exists():
                     raise ParamsError(f"params.yaml: {key}: {d} split {split!r}: the {what} {root / rel} does not "
                                       f"exist (expected {layout.expected_files(split)}; {layout.conversion})")
@@ -286,8 +302,9 @@ def check_paper_inputs(params: Mapping) -> None:
 def _validate_notebooks(params: Mapping, models: Mapping) -> None:
     if "low_data" in params:
         ld = _section(params, "low_data")
-        _choice(ld["model"], "low_data.model", list(models))
-        _names(ld["datasets"], "low_data.datasets", models[ld["model"]])
+        # any known model and dataset: a subset of the matrix (``-S '~models.x'``) leaves the rest "not run"
+        _choice(ld["model"], "low_data.model", MODELS)
+        _names(ld["datasets"], "low_data.datasets", RANKING_DATASETS)
         sizes = ld["sizes"]
         if not isinstance(sizes, list) or not sizes or any(isinstance(v, bool) or not isinstance(v, int) or v < 1
                                                            for v in sizes) or sizes != sorted(set(sizes)):

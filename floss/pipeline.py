@@ -47,7 +47,7 @@ NOTEBOOK_PARAMS: dict[str, dict[str, str]] = {
     "fig7_improvement": {"matrix": "models"},
     "fig10_expert_quality": {"matrix": "models", "per_template": "evaluate.per_template"},
     "fig12_entropy_iou": {"matrix": "models", "per_template": "evaluate.per_template"},
-    "fig3_low_data": {"model": "low_data.model", "datasets": "low_data.datasets", "sizes": "low_data.sizes",
+    "fig3_low_data": {"matrix": "models", "model": "low_data.model", "datasets": "low_data.datasets", "sizes": "low_data.sizes",
                       "seeds": "low_data.seeds", "metric": "evaluate.metric", "n": "evaluate.n_experts"},
     "fig4_metrics_topn": {"matrix": "models", "per_template": "evaluate.per_template", "metrics": "rank.metrics",
                           "ns": "topn", "n": "evaluate.n_experts"},
@@ -112,25 +112,21 @@ def stage_extract(params: Mapping, model: str, dataset: str | None = None, split
 
 
 def _extract_synthetic(params: Mapping, model: str, dataset: str, split: str, out: Path) -> None:
-    from floss.cache import MANIFEST, CacheError
+    from floss.cache import CacheError, MANIFEST
     from floss.classes import TRANSFER_DATASETS
     from floss.synthetic import write_synthetic_cache
 
     syn = params["synthetic"]
     counts = syn["images"]["transfer" if dataset in TRANSFER_DATASETS else dataset]
-    kwargs = dict(num_images=counts[split], seed=syn["seed"], feature_dim=syn["feature_dim"],
-                  protocol=params["extract"]["protocol"], planted_per_class=syn["planted_per_class"])
-    try:
-        write_synthetic_cache(out, model, dataset, split, **kwargs)
-    except CacheError:
-        manifest = out / MANIFEST
-        # a synthetic cache of other parameters is cheap to rebuild; a real cache is never deleted here
-        if manifest.is_file() and json.loads(manifest.read_text()).get("source") == "synthetic":
-            logger.info("%s: synthetic cache of other parameters; rebuilding it", out)
-            shutil.rmtree(out)
-            write_synthetic_cache(out, model, dataset, split, **kwargs)
-        else:
-            raise
+    manifests = [out / MANIFEST, *out.glob("manifest.rank*.json")] if out.is_dir() else []
+    for manifest in (m for m in manifests if m.is_file()):
+        # the demo never replaces a real (paper profile) cache at the same path: hours of GPU work
+        if json.loads(manifest.read_text()).get("fingerprint", {}).get("source") != "synthetic":
+            raise CacheError(f"{out} holds a feature cache of real images ({manifest.name}); the demo profile "
+                             "would replace it with synthetic data. Move it away or run the paper profile.")
+    write_synthetic_cache(out, model, dataset, split, num_images=counts[split], seed=syn["seed"],
+                          feature_dim=syn["feature_dim"], protocol=params["extract"]["protocol"],
+                          planted_per_class=syn["planted_per_class"])
 
 
 def torchrun_command(params: Mapping, argv: list[str]) -> list[str] | None:
@@ -174,8 +170,9 @@ def _extract_real(params: Mapping, model: str, todo: list[tuple[str, str]], data
     from floss.cache import FeatureCache
     from floss.classes import CLASS_NAMES, query_names
     from floss.datasets import open_dataset
-    from floss.extraction import cache_fingerprint, extract_split, text_embeddings
+    from floss.extraction import cache_fingerprint, extract_split, text_embeddings, write_skipped_report
     from floss.params import dataset_folder
+    from floss.provenance import input_identities
 
     argv = ["stage", "extract", "--model", model] + (["--dataset", dataset] if dataset else []) + \
         (["--split", split] if split else [])
@@ -198,19 +195,25 @@ def _extract_real(params: Mapping, model: str, todo: list[tuple[str, str]], data
         text = text_embeddings(net, queries, cache_dir=_text_cache())
         for s in splits:
             ds = open_dataset(d, dataset_folder(params, d), s)
+            ids = sorted(ds.ids)
+            inputs = input_identities(ds, ids)
             meta = {"model": model, "dataset": d, "split": s, "class_names": list(CLASS_NAMES[d]),
                     "query_names": queries, "query_to_class": q2c, "settings": settings.to_dict()}
             w = ex["weights"][model]
             fingerprint = cache_fingerprint(net, model, d, s, settings, dtype=ex["cache_dtype"],
-                                            pretrained=w["pretrained"], checkpoint=load_checkpoint_path(w))
+                                            pretrained=w["pretrained"], checkpoint=load_checkpoint_path(w),
+                                            inputs=inputs)
             out = cache_dir(model, d, s)
-            extract_split(net, ds, out, ids=distributed.shard(sorted(ds.ids), ctx), settings=settings, text=text,
+            mine = set(distributed.shard(ids, ctx))
+            extract_split(net, ds, out, ids=[i for i in ids if i in mine], inputs=[x for x in inputs if x[0] in mine],
+                          on_bad_image=ex["on_bad_image"], settings=settings, text=text,
                           meta=meta, fingerprint=fingerprint, rank=ctx.rank, world_size=ctx.world_size,
                           dtype=torch.float16 if ex["cache_dtype"] == "fp16" else torch.float32,
                           images_per_shard=ex["images_per_shard"], workers=ex["workers"])
             distributed.barrier()
             if ctx.is_main:
-                FeatureCache(out)            # merges the ranks' partial manifests
+                skipped = FeatureCache(out).manifest.get("skipped", [])     # merges the ranks' partial manifests
+                write_skipped_report(skipped, out.with_name(out.name + ".skipped.json"))
     distributed.shutdown()
 
 
@@ -248,11 +251,18 @@ def stage_rank(params: Mapping, model: str, dataset: str | None = None) -> None:
             return
     for d, st in stats.items():
         keys = ranking_keys(d, base_model(model))
+        skipped = (st.extra or {}).get("skipped")        # ranked from images: how many were left out
         for metric in metrics:
             path = rankings_path(model, d)
             if metric != "entropy":
                 path = path.with_name(f"template_rankings_{model}_{d}.{metric}.json")
-            save_rankings(st.rankings(keys, metric=metric, model=model, dataset=d, split="train"), path, metric)
+            rankings = st.rankings(keys, metric=metric, model=model, dataset=d, split="train")
+            if skipped is not None:
+                rankings["images"], rankings["skipped_images"] = st.num_images, len(skipped)
+            save_rankings(rankings, path, metric)
+        if skipped is not None:
+            from floss.extraction import write_skipped_report
+            write_skipped_report(skipped, rankings_path(model, d).with_suffix(".skipped.json"))
         stats_path = paths.ROOT / "results" / "stats" / model / f"{d}.safetensors"
         stats_path.parent.mkdir(parents=True, exist_ok=True)      # DVC deletes outs before the stage runs
         st.save(stats_path)
@@ -265,9 +275,8 @@ def _rank_from_images(params: Mapping, model: str, datasets: list[str], dataset:
     from floss import distributed
     from floss.classes import query_names
     from floss.datasets import open_dataset
-    from floss.extraction import cache_fingerprint, rank_images, text_embeddings
+    from floss.extraction import cache_fingerprint, rank_dataset, text_embeddings
     from floss.params import dataset_folder
-    from floss.stats import TemplateStats
 
     cmd = torchrun_command(params, ["stage", "rank", "--model", model] + (["--dataset", dataset] if dataset else []))
     if cmd is not None:            # every rank runs this stage; rank 0 writes the results
@@ -288,16 +297,13 @@ def _rank_from_images(params: Mapping, model: str, datasets: list[str], dataset:
         w = ex["weights"][model]
         fingerprint = {**cache_fingerprint(net, model, d, "train", settings, dtype="none", pretrained=w["pretrained"],
                                            checkpoint=load_checkpoint_path(w)),
-                       "metrics": list(params["rank"]["metrics"]), "world_size": ctx.world_size}
+                       "metrics": list(params["rank"]["metrics"]), "queries": queries,
+                       "on_bad_image": ex["on_bad_image"]}
         track = model == low.get("model") and d in low.get("datasets", ())
-        state = _rank_state(model, d, ctx.rank)
-        st = rank_images(net, ds, distributed.shard(sorted(ds.ids), ctx), settings, text, q2c,
-                         metrics=params["rank"]["metrics"], track_images=track, state=state,
-                         fingerprint=fingerprint, workers=ex["workers"], restart_stale=True)
-        distributed.barrier()
-        if ctx.is_main:
-            for r in range(1, ctx.world_size):
-                st = st.merge(TemplateStats.load(_rank_state(model, d, r), device=st.device))
+        st = rank_dataset(net, ds, settings, text, q2c, ctx=ctx, state_of=lambda r, d=d: _rank_state(model, d, r),
+                          fingerprint={**fingerprint, "track_images": track}, metrics=params["rank"]["metrics"],
+                          track_images=track, workers=ex["workers"], on_bad_image=ex["on_bad_image"])
+        if st is not None:
             out[d] = st
     distributed.shutdown()
     return out if ctx.is_main else None

@@ -458,6 +458,7 @@ def evaluate_cache(cache: FeatureCache, experts: Sequence[Sequence[int]] | None 
                                 if per_template else {}),
                "experts": [list(map(int, e)) for e in experts] if experts is not None else None,
                "config": {"protocol": settings.protocol, "fusions": fusions if experts is not None else [],
-                          "num_images": len(cache), "settings": m["settings"], "fingerprint": m["fingerprint"]},
+                          "num_images": len(cache), "skipped_images": len(m.get("skipped", [])),
+                          "settings": m["settings"], "fingerprint": m["fingerprint"]},
                "confusion": conf}
     return results

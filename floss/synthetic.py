@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from floss.cache import MANIFEST, CacheWriter, FeatureCache, ImageRecord
+from floss.provenance import code_identity
 from floss.classes import CLASS_NAMES, TRANSFER_DATASETS, query_names, rankings_dataset
 from floss.models.base import KNOWN_DATASETS, ProtocolSettings, settings_for
 from floss.models.preprocess import rescale_size, window_boxes
@@ -265,8 +266,8 @@ def write_synthetic_cache(out_dir: str | os.PathLike, model: str, dataset: str, 
 
     ``num_images`` defaults to :func:`default_num_images`. The manifest carries ``"source": "synthetic"`` and
     ``"synthetic": {"seed", "planted_experts", "confusable", "generator_version", ...}``. An existing complete
-    cache written with the same arguments is left as is (the fingerprint covers every argument); one written
-    with other arguments raises :class:`floss.cache.CacheError` naming the differing keys.
+    cache written with the same arguments and code is left as is (the fingerprint covers every argument and the
+    code identity); one written otherwise is replaced (a line in the log names the differing keys).
     Returns ``Path(out_dir)``.
     """
     knobs = _knobs(model)
@@ -294,7 +295,7 @@ def write_synthetic_cache(out_dir: str | os.PathLike, model: str, dataset: str, 
                  "planted_experts": world.experts, "confusable": world.confusable,
                  "signal": knobs.signal, "noise": knobs.noise, "text_encoder": knobs.text_encoder,
                  "domain_shift": _SHIFT.get(dataset, _DEFAULT_SHIFT)}
-    fingerprint = {"source": "synthetic", "model": model, "dataset": dataset, "split": split, "seed": seed,
+    fingerprint = {"source": "synthetic", "code": code_identity(), "model": model, "dataset": dataset, "split": split, "seed": seed,
                    "num_images": num_images, "feature_dim": feature_dim, "protocol": protocol,
                    "planted_per_class": planted_per_class, "generator_version": GENERATOR_VERSION}
     out = Path(out_dir)

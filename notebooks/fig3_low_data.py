@@ -19,6 +19,7 @@
 
 # %% tags=["parameters"]
 root = ""  # repository root; empty means floss.paths.ROOT
+matrix = {}  # params.yaml `models` (model -> datasets run); empty: the paper's matrix
 model = "clipdinoiser"
 datasets = ["cityscapes", "pascalvoc20"]
 sizes = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000]
@@ -39,9 +40,15 @@ ROOT = Path(root) if root else floss.paths.ROOT
 plots.use_style()
 
 # %%
-curves = {}
+curves, provenance, frame = {}, "", None
 fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.2), squeeze=False)
 for ax, d in zip(axes[0], datasets):
+    if not analysis.ran(matrix or None, model, d):          # a subset of the matrix: this panel was not run
+        ax.text(0.5, 0.5, analysis.not_run_message(model, d), ha="center", va="center", wrap=True, fontsize=7,
+                transform=ax.transAxes)
+        ax.set_axis_off()
+        ax.set_title(d)
+        continue
     stats = experiments.load_stats(ROOT, model, d)
     train_ids = stats.image_ids        # the per-image records of the rank stage (no train cache needed)
     val = experiments.open_cache(ROOT, model, d, "val")
@@ -55,7 +62,8 @@ for ax, d in zip(axes[0], datasets):
     ax.set_ylabel("mIoU (%)")
     ax.set_title(d)
     ax.legend(loc="lower right")
-fig.suptitle(plots.demo_title(f"Effect of the number of images ({len(frame.seed.unique())} seeds)",
-                              analysis.provenance(val.manifest)))
+    provenance = analysis.provenance(val.manifest)
+seeds_run = f"{len(frame.seed.unique())} seeds" if frame is not None else "not run"
+fig.suptitle(plots.demo_title(f"Effect of the number of images ({seeds_run})", provenance))
 plots.save_figure(fig, 3, "low_data", root=ROOT)
 curves

@@ -131,10 +131,16 @@ def test_interrupted_extraction_resumes_identically(city, tmp_path, monkeypatch)
     assert (ref / "text.safetensors").read_bytes() == (run / "text.safetensors").read_bytes()
 
 
-def test_stale_cache_is_refused(caches, city, capsys):
-    assert cli.main(extract_args(city, caches / "train", "train", "cityscapes", "--protocol", "paper")) == 2
-    err = capsys.readouterr().err
-    assert "stale" in err and "settings" in err and "Traceback" not in err
+def test_a_stale_cache_is_replaced_saying_why(caches, city, tmp_path, capsys):
+    """Other settings into an existing cache: recomputed (never reused), the log names what changed, and the
+    cache equals a fresh extraction's byte for byte."""
+    import shutil
+    shutil.copytree(caches / "train", tmp_path / "rerun")
+    assert cli.main(extract_args(city, tmp_path / "rerun", "train", "cityscapes", "--protocol", "paper")) == 0
+    assert "settings.protocol: cached='authors' expected='paper'" in capsys.readouterr().err      # the log
+    assert cli.main(extract_args(city, tmp_path / "fresh", "train", "cityscapes", "--protocol", "paper")) == 0
+    for name in ("manifest.json", "text.safetensors"):
+        assert (tmp_path / "rerun" / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()
 
 
 def test_input_errors_name_the_value_or_file(city, tmp_path, capsys):
