@@ -365,6 +365,30 @@ def stage_transfer(params: Mapping, model: str | None = None) -> None:
     atomic_write_json(paths.ROOT / "results" / "transfer" / "index.json", {"models": models, "datasets": datasets})
 
 
+def stage_inputs(params: Mapping) -> Path:
+    """``data/inputs.json``: per dataset split the paper profile reads, a digest of its image (and label) files'
+    ids, sizes and modification times (:mod:`floss.provenance`). DVC cannot see a dataset outside the repository;
+    this always-run stage can, and the stages that read images depend on its output, so an added, deleted or
+    replaced image reruns them (and their caches and checkpoints recompute only what changed)."""
+    from floss.datasets import open_dataset
+    from floss.params import dataset_folder, needed_splits
+    from floss.provenance import input_identities, inputs_digest
+
+    digests = {}
+    if params["profile"] != "demo":            # the demo reads no image: its synthetic data is keyed by params
+        for d, splits in sorted(needed_splits(params).items()):
+            for split, labels in sorted(splits.items()):
+                ds = open_dataset(d, dataset_folder(params, d), split, labels=labels)
+                ids = sorted(ds.ids)
+                digests[f"{d}/{split}"] = {"images": len(ids), "inputs": inputs_digest(input_identities(ds, ids))}
+    out = paths.DATA / "inputs.json"
+    text = json.dumps(digests, indent=1, sort_keys=True) + "\n"
+    if not out.is_file() or out.read_text() != text:
+        from floss._io import atomic_write_text
+        atomic_write_text(out, text)
+    return out
+
+
 def stage_metrics(params: Mapping) -> Path:
     """metrics/miou.json: {model: {dataset: {"baseline": %, "floss": %}}} for `dvc metrics show/diff`."""
     out: dict[str, dict] = {}
@@ -458,7 +482,7 @@ def run_demo(targets: list[str] | None = None) -> int:
 
 
 # --------------------------------------------------------------------------------------------- command line
-_STAGES = ("extract", "rank", "evaluate", "transfer", "metrics", "authors")
+_STAGES = ("extract", "rank", "evaluate", "transfer", "metrics", "authors", "inputs")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -483,7 +507,7 @@ def _set_threads(params: Mapping) -> None:
 
 def _run_stage(args: argparse.Namespace) -> int:
     params = load_params(args.params)
-    if args.stage not in ("metrics", "authors"):
+    if args.stage not in ("metrics", "authors", "inputs"):
         _set_threads(params)
     needs_model = args.stage in ("extract", "rank", "evaluate")
     if needs_model and not args.model:
@@ -501,6 +525,8 @@ def _run_stage(args: argparse.Namespace) -> int:
         stage_transfer(params, args.model)
     elif args.stage == "metrics":
         print(stage_metrics(params))
+    elif args.stage == "inputs":
+        print(stage_inputs(params))
     else:
         status = stage_authors(params)
         print(f"authors' data: {'available from ' + status['source'] if status['available'] else 'unavailable'}")
