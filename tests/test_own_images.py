@@ -92,8 +92,9 @@ def test_rank_own_images_without_a_cache_equals_the_cached_path(folder, tmp_path
 
 
 def test_cache_free_ranking_resumes_with_identical_statistics(tmp_path, monkeypatch):
-    """Interrupted after some images (the checkpoint is rewritten every image here), the rerun completes the same
-    statistics as an uninterrupted run; a checkpoint of other settings is not reused."""
+    """Interrupted after two images (the periodic checkpoint comes every 64 images: the two are saved because the
+    checkpoint is written on any exception), the rerun completes the same statistics as an uninterrupted run; a
+    checkpoint of other settings is not reused."""
     from floss import extraction
 
     root = make_dataset("pascalvoc20", tmp_path / "voc", n_train=3, n_val=1, size=(32, 48))
@@ -101,29 +102,19 @@ def test_cache_free_ranking_resumes_with_identical_statistics(tmp_path, monkeypa
     weights = ["--pretrained", "none", "--device", "cpu", "--workers", "0"]
     base = [*source, "--backbone", TINY_QUICKGELU, *weights]
     assert cli.main([*base, "--out", str(tmp_path / "once.json"), "--stats-out", str(tmp_path / "once.st")]) == 0
-    real = extraction.rank_images
+    real = extraction.encode_or_skip
     calls = {"n": 0}
 
-    def interrupted(*args, **kwargs):
-        kwargs["save_every"] = 1
-        from floss import protocol
-        record = protocol.rank_record
+    def crash(*args, **kwargs):       # an interrupt while the third image is encoded
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
 
-        def crash(*a, **k):
-            calls["n"] += 1
-            if calls["n"] == 3:
-                raise KeyboardInterrupt
-            return record(*a, **k)
-        monkeypatch.setattr(protocol, "rank_record", crash)
-        try:
-            return real(*args, **kwargs)
-        finally:
-            monkeypatch.setattr(protocol, "rank_record", record)
-
-    monkeypatch.setattr(extraction, "rank_images", interrupted)
+    monkeypatch.setattr(extraction, "encode_or_skip", crash)
     with pytest.raises(KeyboardInterrupt):
         cli.main([*base, "--out", str(tmp_path / "resumed.json")])
-    monkeypatch.setattr(extraction, "rank_images", real)
+    monkeypatch.setattr(extraction, "encode_or_skip", real)
     state = tmp_path / "resumed.json.state" / "rank0.safetensors"
     assert len(TemplateStats.load(state).extra["processed"]) == 2
     assert cli.main([*base, "--out", str(tmp_path / "resumed.json"), "--stats-out", str(tmp_path / "resumed.st")]) == 0

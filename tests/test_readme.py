@@ -43,6 +43,27 @@ def test_generated_blocks_match_their_files():
             "run python -m floss.report.readme"
 
 
+def test_subset_recipe_is_accepted_as_printed(tmp_path):
+    """The README's subset flags, applied by DVC's own override code to params.yaml with the paper profile, give
+    parameters the pipeline accepts (no other key needed). The rehearsal runs them end to end."""
+    import shlex
+    import shutil
+
+    from dvc.utils.hydra import apply_overrides
+
+    from floss.params import load_params, low_data_datasets
+
+    text = README.read_text()
+    sentence = text[text.index("A subset:"):]
+    flags = re.findall(r"`(-S '[^']*')`", sentence[:sentence.index(";")])
+    assert len(flags) == 3, flags
+    shutil.copy(paths.ROOT / "params.yaml", tmp_path / "params.yaml")
+    apply_overrides(tmp_path / "params.yaml", ["profile=paper", "data_root=/data"] + [shlex.split(f)[1] for f in flags])
+    params = load_params(tmp_path / "params.yaml", check_paths=False)
+    assert "gem" not in params["models"] and params["models"]["clipdinoiser"] == ["cityscapes"]
+    assert params["transfer"]["models"] == [] and low_data_datasets(params) == ["cityscapes"]
+
+
 def _bash_block_after(text: str, heading: str) -> list[str]:
     """The commands of the first ```bash block after ``heading`` (continuation lines joined)."""
     section = text[text.index(heading):]

@@ -1,10 +1,11 @@
 """The synthetic data source: real cache format, planted experts recoverable, the FLOSS effect, determinism."""
 from __future__ import annotations
 
+import logging
 import pytest
 import torch
 
-from floss.cache import CacheError, FeatureCache
+from floss.cache import FeatureCache
 from floss.classes import CLASS_NAMES, ranking_keys
 from floss.synthetic import planted_experts, synthetic_settings, write_synthetic_cache
 
@@ -68,7 +69,7 @@ def test_entropy_ranking_recovers_planted_experts_and_floss_beats_baseline(cache
     assert truth > base
 
 
-def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
+def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path, caplog):
     def shard_bytes(path):
         return [p.read_bytes() for p in sorted((path / "shards").glob("*.safetensors"))] + \
             [(path / "text.safetensors").read_bytes()]
@@ -81,10 +82,16 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
     cache = FeatureCache(a)
     # NACLIP on VOC20 prompts 30 query words and (as the authors) evaluates the whole image in one window
     assert cache.text.shape[1] == 30 and cache.settings.crop is None and cache[0].feats.shape[0] == 1
-    # rewriting with the same arguments is a no-op; other arguments into the same folder are refused
+    # rewriting with the same arguments is a no-op; other arguments into the same folder replace the cache
+    # (a rerun equals a fresh run) with a log line naming what changed
+    before = shard_bytes(a)
     write_synthetic_cache(a, "naclip", "pascalvoc20", "val", num_images=3, seed=5)
-    with pytest.raises(CacheError, match="num_images"):
+    assert shard_bytes(a) == before
+    with caplog.at_level(logging.INFO, logger="floss.cache"):
         write_synthetic_cache(a, "naclip", "pascalvoc20", "val", num_images=4, seed=5)
+    assert "num_images" in caplog.text and "extracting every image again" in caplog.text
+    write_synthetic_cache(tmp_path / "d", "naclip", "pascalvoc20", "val", num_images=4, seed=5)
+    assert shard_bytes(a) == shard_bytes(tmp_path / "d") and len(FeatureCache(a)) == 4
 
 
 def test_worlds_shared_and_distinct_as_documented(tmp_path):
