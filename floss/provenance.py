@@ -170,13 +170,13 @@ def reusable_prefix(done: Sequence[Sequence[str]], current: Sequence[Sequence[st
 
 
 def describe_input_change(done: Sequence[Sequence[str]], current: Sequence[Sequence[str]]) -> str:
-    """``"2 added, 1 deleted, 1 replaced"``: how the inputs of ``done`` differ from ``current`` (for the log)."""
+    """``"1 added: c; 1 replaced: street/b"``: how the inputs of ``done`` differ from ``current``, naming the first
+    three ids of each kind (for the log)."""
     old, new = dict(map(tuple, done)), dict(map(tuple, current))
-    added = sum(1 for i in new if i not in old)
-    deleted = sum(1 for i in old if i not in new)
-    replaced = sum(1 for i in new if i in old and old[i] != new[i])
-    parts = [f"{n} {what}" for n, what in ((added, "added"), (deleted, "deleted"), (replaced, "replaced")) if n]
-    return ", ".join(parts) or "order changed"
+    kinds = (("added", [i for i in new if i not in old]), ("deleted", [i for i in old if i not in new]),
+             ("replaced", [i for i in new if i in old and old[i] != new[i]]))
+    parts = [f"{len(ids)} {what}: {', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''}" for what, ids in kinds if ids]
+    return "; ".join(parts) or "order changed"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

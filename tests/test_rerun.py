@@ -59,7 +59,8 @@ def test_rank_images_rerun_after_inputs_deleted_replaced_and_added(tmp_path, cap
     _touch_later(images / "c.png")
     write_image(images / "e.png", random_image(rng, (48, 40)))          # added
     log = _rank(source, tmp_path / "r.json", capsys)
-    assert "inputs changed since the checkpoint (1 added, 1 deleted, 1 replaced); ranking from the start" in log
+    assert "inputs changed since the checkpoint (1 added: e; 1 deleted: b; 1 replaced: c); ranking from the start" \
+        in log
     _rank(source, tmp_path / "fresh.json")
     assert _rankings_outputs(tmp_path / "r.json") == _rankings_outputs(tmp_path / "fresh.json")
     assert _rankings_outputs(tmp_path / "r.json") != first
@@ -146,7 +147,9 @@ def test_extract_and_evaluate_rerun_after_inputs_and_parameters_change(tmp_path,
     _touch_later(labels[1])
     _extract(root, cache)
     log = capsys.readouterr().err
-    assert "inputs changed since the last run (1 deleted, 2 replaced): re-extracting from image 2 of 4" in log
+    ids = [str(p.relative_to(root / "leftImg8bit" / "val")).replace("_leftImg8bit.png", "") for p in images]
+    assert f"inputs changed since the last run (1 deleted: {ids[4]}; 2 replaced: {ids[1]}, {ids[3]}): " \
+        "re-extracting from image 2 of 4" in log
     _extract(root, tmp_path / "fresh")
     assert _cache_bytes(cache) == _cache_bytes(tmp_path / "fresh")
     after = _evaluate(cache, tmp_path / "after.json")
