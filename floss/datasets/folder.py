@@ -21,6 +21,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from floss.datasets.reader import IGNORE_INDEX, DatasetLayoutError, Sample, read_image, read_label
+from floss.datasets.walk import scan_tree
 
 logger = logging.getLogger(__name__)
 
@@ -136,17 +137,12 @@ def open_folder(images: str | os.PathLike, classes: str | os.PathLike,
         raise DatasetLayoutError(f"--images: {images} is not a folder of images")
     groups = read_class_file(classes)
     suffixes: dict[str, str] = {}
-    for dirpath, dirnames, filenames in os.walk(images, followlinks=True):
-        dirnames.sort()
-        rel = Path(dirpath).relative_to(images)
-        for f in sorted(filenames):
-            stem, ext = os.path.splitext(f)
-            if ext.lower() in IMAGE_SUFFIXES:
-                image_id = (rel / stem).as_posix()
-                if image_id in suffixes:
-                    raise DatasetLayoutError(f"--images: two images share the id {image_id!r} "
-                                             f"({suffixes[image_id]} and {ext}) in {images / rel}")
-                suffixes[image_id] = ext
+    for rel in scan_tree(images, lambda f: os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES, what="--images"):
+        image_id, ext = os.path.splitext(rel)
+        if image_id in suffixes:
+            raise DatasetLayoutError(f"--images: two images share the id {image_id!r} "
+                                     f"({suffixes[image_id]} and {ext}) in {images / os.path.dirname(rel)}")
+        suffixes[image_id] = ext
     if not suffixes:
         raise DatasetLayoutError(f"--images: found no images ({', '.join(IMAGE_SUFFIXES)}) under {images}")
     ids = sorted(suffixes)
