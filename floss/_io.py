@@ -1,22 +1,44 @@
 """Atomic writes: a temporary file in the target's folder, then ``os.replace`` — a reader never sees a
-half-written file, and an interrupted write leaves the previous version (or nothing) in place."""
+half-written file, and an interrupted write leaves the previous version (or nothing) in place.
+
+Every output written through a temporary file goes through :func:`atomic_write`: the temporary file is created with
+mode ``0o666`` filtered by the process umask (0644 under umask 022), as ``open(path, "w")`` would create the output,
+not with the 0600 of ``tempfile.mkstemp``."""
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
+import stat
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 
+def _new_temporary(path: Path) -> tuple[str, int]:
+    """Create an empty, unique ``.<name>.<random>.tmp`` beside ``path``; returns it and the mode the umask gave it."""
+    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = os.path.join(path.parent, f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, flags, 0o666)     # the kernel applies the umask, as for open(path, "w")
+        except FileExistsError:
+            continue
+        try:
+            return tmp, stat.S_IMODE(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
+    raise FileExistsError(f"could not create a temporary file for {path} in {path.parent}")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then move it into place."""
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then move it into place (mode: see above)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp, mode = _new_temporary(path)
     try:
         write(tmp)
+        if stat.S_IMODE(os.stat(tmp).st_mode) != mode:   # a writer that replaced the file (safetensors makes 0600)
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -17,6 +17,8 @@ Data typed from the protocol (FLOSS-protocol.md Appendix B, §1.6, §6):
 from __future__ import annotations
 
 import logging
+import unicodedata
+from typing import Mapping, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +152,39 @@ def class_names(dataset: str) -> list[str]:
 def naclip_name(name: str) -> str:
     """NACLIP's spelling of a METAINFO name: spaces removed (``'traffic light'`` -> ``'trafficlight'``)."""
     return name.replace(" ", "")
+
+
+def class_key(name: str) -> str:
+    """The identity of a class name: Unicode NFC, lower case, every whitespace removed (``'Traffic Light'`` ->
+    ``'trafficlight'``). CLIP's tokenizer lower-cases and NACLIP spells names without spaces, so two names with one
+    key get the same classifier: class files refuse them, and rankings keys are matched to class names by it."""
+    return "".join(unicodedata.normalize("NFC", name).lower().split())
+
+
+def _by_key(names: Sequence[str], what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name in names:
+        key = class_key(name)
+        if key in out:
+            raise ValueError(f"{what}: classes {out[key]!r} and {name!r} are one class (names are compared ignoring "
+                             "case and whitespace)")
+        out[key] = name
+    return out
+
+
+def match_rankings_classes(rankings: Mapping, class_names: Sequence[str], source) -> list[str]:
+    """The keys of ``rankings["classes"]`` in the order of ``class_names``, matched by :func:`class_key` (so the
+    NACLIP spelling ``trafficlight`` matches ``traffic light``); missing, unknown or ambiguous classes raise."""
+    keys = list(rankings.get("classes", {}))
+    by_key = _by_key(keys, f"--rankings: {source}")
+    wanted = _by_key(class_names, "the classes matched to the rankings")
+    missing = [n for n in class_names if class_key(n) not in by_key]
+    extra = [k for k in keys if class_key(k) not in wanted]
+    if missing or extra:
+        raise ValueError(f"--rankings: the classes of {source} do not match the feature cache's classes; missing "
+                         f"{missing[:8]}, unknown {extra[:8]} (rankings for {rankings.get('dataset')!r}, "
+                         f"{len(keys)} classes; cache has {len(class_names)})")
+    return [by_key[class_key(n)] for n in class_names]
 
 
 def ranking_name(name: str, model: str | None = None) -> str:

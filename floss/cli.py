@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from floss.cache import CacheError
+from floss.classes import match_rankings_classes  # also floss.cli's public name (segment calls it)
 from floss.provenance import floss_version
 
 logger = logging.getLogger("floss.cli")
@@ -333,20 +334,6 @@ def _configure_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fusion", nargs="+", default=["highest"], choices=("highest", "average", "default", "average_all"))
     p.add_argument("--per-template", action="store_true", help="also evaluate the 80 single-template classifiers")
     p.add_argument("--device")
-
-
-def match_rankings_classes(rankings: dict, class_names: list[str], source: Path) -> list[str]:
-    """The rankings keys in the cache's class order; names are compared without spaces (NACLIP spelling)."""
-    keys = list(rankings.get("classes", {}))
-    by_plain = {k.replace(" ", ""): k for k in keys}
-    plain = [n.replace(" ", "") for n in class_names]
-    missing = [n for n, p in zip(class_names, plain) if p not in by_plain]
-    extra = [k for k in keys if k.replace(" ", "") not in set(plain)]
-    if missing or extra:
-        raise ValueError(f"--rankings: the classes of {source} do not match the feature cache's classes; missing "
-                         f"{missing[:8]}, unknown {extra[:8]} (rankings for {rankings.get('dataset')!r}, "
-                         f"{len(keys)} classes; cache has {len(class_names)})")
-    return [by_plain[p] for p in plain]
 
 
 def run_evaluate(args: argparse.Namespace) -> int:

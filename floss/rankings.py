@@ -13,13 +13,13 @@ import logging
 import math
 import numbers
 import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 
 from floss._checks import check_tensor
+from floss._io import atomic_write_text
 from floss.templates import NUM_TEMPLATES
 
 logger = logging.getLogger(__name__)
@@ -47,17 +47,7 @@ def load_rankings(path: str | os.PathLike) -> dict:
 def save_rankings(rankings: Mapping, path: str | os.PathLike, metric: str = "entropy") -> Path:
     """Validate and write ``rankings`` atomically (temp file in the same folder, then ``os.replace``)."""
     validate_rankings(rankings, metric=metric)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(rankings, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, json.dumps(rankings, indent=2))
 
 
 def _is_int(x) -> bool:

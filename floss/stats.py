@@ -26,12 +26,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from typing import Any, Iterable, Sequence
 
 import torch
 
 from floss._checks import check_probabilities, check_tensor, check_finite
+from floss._io import atomic_write
 from floss._fused import SoftCounts, entropy_scores, first_argmax, mano_branch, mano_scores
 from floss._interp import RowUpsampler
 from floss._threads import map_single_threaded
@@ -463,16 +463,7 @@ class TemplateStats:
                 "track_images": self.track_images, "image_ids": ids}
         if extra is not None:
             meta["extra"] = extra
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"floss_template_stats": json.dumps(meta)})
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"floss_template_stats": json.dumps(meta)}))
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> "TemplateStats":

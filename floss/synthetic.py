@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from floss._io import atomic_write_text
 from floss.cache import MANIFEST, CacheWriter, FeatureCache, ImageRecord
 from floss.provenance import code_identity
 from floss.classes import CLASS_NAMES, TRANSFER_DATASETS, query_names, rankings_dataset
@@ -320,9 +321,7 @@ def _annotate_manifest(root: Path, synthetic: dict) -> None:
     if manifest.get("source") == "synthetic" and manifest.get("synthetic") == synthetic:
         return
     manifest["source"], manifest["synthetic"] = "synthetic", synthetic
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(manifest, indent=1))
 
 
 def planted_experts(cache: FeatureCache | str | os.PathLike) -> list[list[int]]:

@@ -2,7 +2,8 @@
 
 Class-names file: one class per line, in class order (class id = line index among the non-empty lines); optional
 synonyms after a colon, ``name: syn1, syn2`` — every name is prompted and a class scores the max over its names,
-as NACLIP's synonym lines do. Blank lines and lines starting with ``#`` are skipped::
+as NACLIP's synonym lines do. Blank lines and lines starting with ``#`` are skipped. UTF-8; names differing only in
+case or whitespace are one name to the model and are refused (:func:`floss.classes.class_key`)::
 
     road
     car: automobile, vehicle
@@ -13,6 +14,7 @@ pixels, where ``<id>`` is the image's path relative to the image folder without 
 """
 from __future__ import annotations
 
+import codecs
 import logging
 import os
 from pathlib import Path
@@ -20,7 +22,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from floss.classes import class_key
 from floss.datasets.reader import IGNORE_INDEX, DatasetLayoutError, Sample, read_image, read_label
+from floss.datasets.walk import scan_tree
 
 logger = logging.getLogger(__name__)
 
@@ -29,14 +33,31 @@ __all__ = ["IMAGE_SUFFIXES", "read_class_file", "FolderDataset", "open_folder"]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
+def _class_file_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 class file (a leading byte-order mark dropped); undecodable bytes name their line."""
+    data = path.read_bytes()
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(f"{path}:{line}: expected UTF-8 text, found byte 0x{data[err.start]:02x} ({err.reason}); "
+                         "save the class-names file as UTF-8") from None
+
+
 def read_class_file(path: str | os.PathLike) -> list[tuple[str, ...]]:
-    """Per class (file order), its names: the class name first, then its synonyms."""
+    """Per class (file order), its names: the class name first, then its synonyms.
+
+    UTF-8 (a byte-order mark is dropped). Two names with one :func:`floss.classes.class_key` (they differ only in
+    case or whitespace, so the model sees one word) are refused with both lines.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--classes: class-names file {path} does not exist (one class per line, "
                                 "optional synonyms as 'name: syn1, syn2')")
     groups, seen = [], {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(_class_file_lines(path), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -45,9 +66,13 @@ def read_class_file(path: str | os.PathLike) -> list[tuple[str, ...]]:
         if not names[0]:
             raise ValueError(f"{path}:{number}: expected a class name before ':', received {line!r}")
         for n in names:
-            if n in seen:
-                raise ValueError(f"{path}:{number}: name {n!r} is already used on line {seen[n]}")
-            seen[n] = number
+            key = class_key(n)
+            if key in seen:
+                first, first_name = seen[key]
+                same = "" if first_name == n else f" as {first_name!r} (names differing only in case or " \
+                    "whitespace are one class)"
+                raise ValueError(f"{path}:{number}: name {n!r} is already used on line {first}{same}")
+            seen[key] = number, n
         groups.append(names)
     if len(groups) < 2:
         raise ValueError(f"{path}: expected at least two classes (one per line), found {len(groups)}")
@@ -136,17 +161,12 @@ def open_folder(images: str | os.PathLike, classes: str | os.PathLike,
         raise DatasetLayoutError(f"--images: {images} is not a folder of images")
     groups = read_class_file(classes)
     suffixes: dict[str, str] = {}
-    for dirpath, dirnames, filenames in os.walk(images, followlinks=True):
-        dirnames.sort()
-        rel = Path(dirpath).relative_to(images)
-        for f in sorted(filenames):
-            stem, ext = os.path.splitext(f)
-            if ext.lower() in IMAGE_SUFFIXES:
-                image_id = (rel / stem).as_posix()
-                if image_id in suffixes:
-                    raise DatasetLayoutError(f"--images: two images share the id {image_id!r} "
-                                             f"({suffixes[image_id]} and {ext}) in {images / rel}")
-                suffixes[image_id] = ext
+    for rel in scan_tree(images, lambda f: os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES, what="--images"):
+        image_id, ext = os.path.splitext(rel)
+        if image_id in suffixes:
+            raise DatasetLayoutError(f"--images: two images share the id {image_id!r} "
+                                     f"({suffixes[image_id]} and {ext}) in {images / os.path.dirname(rel)}")
+        suffixes[image_id] = ext
     if not suffixes:
         raise DatasetLayoutError(f"--images: found no images ({', '.join(IMAGE_SUFFIXES)}) under {images}")
     ids = sorted(suffixes)

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from floss.datasets.registry import Layout, get_layout
+from floss.datasets.walk import scan_tree
 
 logger = logging.getLogger(__name__)
 
@@ -223,14 +224,10 @@ class SegDataset:
 
 # -- opening -----------------------------------------------------------------------------------------------
 def _scan(folder: Path, suffix: str) -> list[str]:
-    """Relative paths (``/``-separated, suffix removed) of the files under ``folder`` ending with ``suffix``."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames.sort()
-        rel = os.path.relpath(dirpath, folder)
-        prefix = "" if rel == "." else rel.replace(os.sep, "/") + "/"
-        found.extend(prefix + f[: -len(suffix)] for f in filenames if f.endswith(suffix) and len(f) > len(suffix))
-    return found
+    """Relative paths (``/``-separated, suffix removed) of the files under ``folder`` ending with ``suffix``; links
+    are followed once per real folder and file (:func:`floss.datasets.walk.scan_tree`)."""
+    found = scan_tree(folder, lambda f: f.endswith(suffix) and len(f) > len(suffix), what="dataset")
+    return [rel[: -len(suffix)] for rel in found]
 
 
 def _suggest_root(layout: Layout, root: Path, rel: str) -> str:

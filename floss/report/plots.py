@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -21,6 +20,7 @@ import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from floss import paths  # noqa: E402
+from floss._io import atomic_write  # noqa: E402
 from floss.report.tables import DEMO_MARK  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -85,15 +85,7 @@ def save_figure(fig: matplotlib.figure.Figure, number: int | str, slug: str, *,
         raise TypeError(f"fig: expected a matplotlib Figure, received {type(fig).__name__}")
     out = figure_paths(number, slug, root, formats)
     for fmt, path in out.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            fig.savefig(tmp, format=fmt, metadata=_METADATA[fmt])
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, metadata=_METADATA[fmt]))
     if close:
         plt.close(fig)
     logger.info("wrote figure %s (%s) to %s", number, slug, next(iter(out.values())).parent)
