@@ -267,3 +267,68 @@ def test_dvc_repro_after_a_code_change_equals_a_fresh_repro(tmp_path):
     fresh = repro()
     assert rerun == fresh
     assert rerun != first
+
+
+@pytest.mark.slow
+def test_dvc_repro_paper_profile_after_inputs_weights_and_params_change_equals_a_fresh_repro(tmp_path):
+    """The paper profile on one model and one dataset (images on disk, weights as files): `dvc repro` after an
+    image deleted, replaced and added equals a repro from nothing; so does one with other weights and another
+    parameter. DVC sees the images through the `inputs` stage."""
+    import yaml
+
+    from rehearsal import _tiny_weights, copy_repository, git_env
+
+    repo = copy_repository(paths.ROOT, tmp_path / "repo")
+    root = make_dataset("cityscapes", tmp_path / "data" / "cityscapes", n_train=3, n_val=2, size=(32, 64))
+    weights = [_tiny_weights(Path(TINY_GELU), tmp_path / f"w{seed}.pt", seed) for seed in (0, 1)]
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params.update(profile="paper", data_root=str(tmp_path / "data"))
+    params["models"] = {"maskclip": ["cityscapes"]}
+    params["transfer"] = {"models": [], "datasets": []}
+    params["low_data"].update(model="maskclip", datasets=["cityscapes"])
+    params["evaluate"]["per_template"] = False
+    params["extract"]["workers"] = 0
+    params["extract"]["weights"]["maskclip"] = {"backbone": TINY_GELU, "pretrained": str(weights[0]),
+                                                "checkpoint": None}
+
+    def write_params() -> None:
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    write_params()
+    dvc = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
+    env = {**git_env(), "CUDA_VISIBLE_DEVICES": "", "PATH": f"{Path(sys.executable).parent}{os.pathsep}"
+           f"{os.environ['PATH']}", "PYTHONPATH": str(repo), "FLOSS_ROOT": str(repo), "TQDM_DISABLE": "1",
+           "FLOSS_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    outputs = ["results/rankings/maskclip", "results/eval/maskclip", "results/stats/maskclip"]
+
+    def repro(fresh: bool = False) -> dict[str, bytes]:
+        if fresh:
+            shutil.rmtree(repo / "data", ignore_errors=True)
+            shutil.rmtree(repo / "results", ignore_errors=True)
+        run = subprocess.run([dvc, "repro", "evaluate@maskclip"], cwd=repo, env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+        return {str(p.relative_to(repo)): p.read_bytes() for o in outputs for p in sorted((repo / o).rglob("*"))
+                if p.is_file()}
+
+    first = repro()
+    rng = np.random.default_rng(11)
+    train = sorted((root / "leftImg8bit" / "train").rglob("*.png"))
+    val = sorted((root / "leftImg8bit" / "val").rglob("*.png"))
+    train[1].unlink()                                                       # deleted (train: ranked)
+    write_image(train[2], random_image(rng, (32, 64)))                      # replaced
+    _touch_later(train[2])
+    write_image(val[0], random_image(rng, (32, 64)))                        # replaced (val: evaluated)
+    _touch_later(val[0])
+    added = val[1].with_name(val[1].name.replace("000001", "000009"))       # added, with its label
+    write_image(added, random_image(rng, (32, 64)))
+    label = root / "gtFine" / "val" / added.relative_to(root / "leftImg8bit" / "val")
+    write_label(label.with_name(label.name.replace("leftImg8bit", "gtFine_labelTrainIds")),
+                random_label(rng, (32, 64), 19))
+    rerun = repro()
+    assert rerun != first and rerun == repro(fresh=True)
+
+    params["extract"]["weights"]["maskclip"]["pretrained"] = str(weights[1])    # other weights
+    params["evaluate"]["n_experts"] = 8                                         # another parameter
+    write_params()
+    other = repro()
+    assert other != rerun and other == repro(fresh=True)
