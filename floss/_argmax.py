@@ -26,7 +26,7 @@ matrices (80·19·1024·2048 = 3.2e9 at Cityscapes size); that is what made it s
    ``fma(x0, w0, x1·w1)``; the matrix products it uses for large channel counts: MKL's FMA chain
    ``fma(x1, w1, x0·w0)``; both checked bit for bit), the fp16 cast, the canvas sum in window order, the
    division by the window count, then the final resize in the renderer's order and kernel. Classes outside
-   ``δ`` cannot win or tie. The renderer's band path (``protocol._separable``) does each resize pass as a
+   ``δ`` cannot win or tie. The renderer's band path (``floss._interp.separable``) does each resize pass as a
    float64 matmul rounded to float32 — two exact products summed once, whatever GEMM kernel runs — and is
    replicated the same way. Remaining difference: the fused multiply-adds are emulated in float64 (exact
    products, then a rounding to float64 and one to float32), which differs from a true FMA only when that
@@ -383,7 +383,7 @@ def _renderer_values(flat: torch.Tensor, img: _Image, ch: torch.Tensor, ys: torc
     fc0, fc1 = (x[xs] for x in ct.weights(fin, device=dev))
     fr0, fr1 = (x[ys] for x in rt.weights(fin, device=dev))
     if fin and dev.type == "cpu":
-        # the renderer's banded final resize (protocol._separable): per pass two exact float64 products summed,
+        # the renderer's banded final resize (floss._interp.separable): per pass two exact float64 products summed,
         # rounded to float32; columns first
         def pass64(x0, w0, x1, w1):
             return (x0.double() * w0.double() + x1.double() * w1.double()).float()

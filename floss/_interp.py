@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["Taps", "bilinear_taps", "bilinear_matrix", "source_rows", "upsample_rows", "upsample_bilinear",
-           "RowUpsampler", "matrix_upsample_rows"]
+           "RowUpsampler", "matrix_upsample_rows", "interp_matrix", "separable", "rows_matmul"]
 
 
 class Taps(NamedTuple):
@@ -214,3 +214,27 @@ def upsample_bilinear(x: torch.Tensor, size: Sequence[int], rows: slice | None =
     lead = x.shape[:-2]
     out = upsample_rows(x.reshape(-1, *x.shape[-2:]), tuple(size), rows)  # [R, N, W]
     return out.permute(1, 0, 2).reshape(*lead, out.shape[0], size[1])
+
+
+@functools.lru_cache(maxsize=256)
+def interp_matrix(n_in: int, n_out: int, device: str) -> torch.Tensor:
+    """[n_out, n_in] weights of 1-D bilinear resizing, taken from ``F.interpolate`` itself (same kernel)."""
+    eye = torch.eye(n_in, dtype=torch.float32, device=device)[None]            # [1, n_in(channels), n_in]
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].T.contiguous()
+
+
+def separable(rows: torch.Tensor, x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``rows · x · colsᵀ`` per channel of ``x [N, h, w]``. On CPU each pass is a float64 matmul rounded to
+    float32: a row of an interpolation matrix has two non-zero weights, so each output is two exact products
+    summed and rounded once, whatever GEMM kernel the CPU's instruction set selects (and what
+    ``floss._argmax`` replicates)."""
+    if x.device.type == "cpu":
+        width = torch.matmul(x.double(), cols.double().T).float()
+        return rows_matmul(rows.double(), width.double()).to(x.dtype)
+    return rows_matmul(rows, torch.matmul(x, cols.T))
+
+
+def rows_matmul(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``[r, h] x [N, h, w] -> [N, r, w]`` as one 2-D matmul (a broadcast batched matmul is far slower)."""
+    n, h, w = x.shape
+    return (weights @ x.transpose(0, 1).reshape(h, n * w)).reshape(-1, n, w).transpose(0, 1)

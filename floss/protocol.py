@@ -18,7 +18,6 @@ matrices (exactly the weights of ``F.interpolate``), so a [K, K, H, W] tensor ne
 """
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from typing import Callable, Sequence
@@ -28,7 +27,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from floss._argmax import per_template_confusion
-from floss._interp import matrix_upsample_rows
+from floss._interp import (interp_matrix as _interp_matrix, matrix_upsample_rows, rows_matmul as _rows_matmul,
+                           separable as _separable)
 from floss.cache import CacheError, FeatureCache, ImageRecord
 from floss.evaluation import confusion_matrix, miou
 from floss.fusion import fuse_many
@@ -39,30 +39,6 @@ logger = logging.getLogger(__name__)
 #: float elements per rendered band (window upsampling temporaries and outputs), ~512 MB in fp32
 MAX_BAND_ELEMENTS = 1 << 27
 IGNORE_INDEX = 255
-
-
-@functools.lru_cache(maxsize=256)
-def _interp_matrix(n_in: int, n_out: int, device: str) -> torch.Tensor:
-    """[n_out, n_in] weights of 1-D bilinear resizing, taken from ``F.interpolate`` itself (same kernel)."""
-    eye = torch.eye(n_in, dtype=torch.float32, device=device)[None]            # [1, n_in(channels), n_in]
-    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].T.contiguous()
-
-
-def _separable(rows: torch.Tensor, x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """``rows · x · colsᵀ`` per channel of ``x [N, h, w]``. On CPU each pass is a float64 matmul rounded to
-    float32: a row of an interpolation matrix has two non-zero weights, so each output is two exact products
-    summed and rounded once, whatever GEMM kernel the CPU's instruction set selects (and what
-    ``floss._argmax`` replicates)."""
-    if x.device.type == "cpu":
-        width = torch.matmul(x.double(), cols.double().T).float()
-        return _rows_matmul(rows.double(), width.double()).to(x.dtype)
-    return _rows_matmul(rows, torch.matmul(x, cols.T))
-
-
-def _rows_matmul(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``[r, h] x [N, h, w] -> [N, r, w]`` as one 2-D matmul (a broadcast batched matmul is far slower)."""
-    n, h, w = x.shape
-    return (weights @ x.transpose(0, 1).reshape(h, n * w)).reshape(-1, n, w).transpose(0, 1)
 
 
 class _Renderer:
@@ -145,11 +121,20 @@ class _Renderer:
         start, H = 0, self.out_size[0]
         while start < H:
             stop = start + 1
-            while stop < H and stop - start < budget_rows and (
-                    not self.resize or self.hi[stop] - self.lo[start] <= budget_rows):
+            while stop < H and stop - start < budget_rows:
+                r0, r1 = self.canvas_rows(start, stop + 1)
+                if r1 - r0 > budget_rows:
+                    break
                 stop += 1
             yield start, stop
             start = stop
+
+    def canvas_rows(self, a: int, b: int) -> tuple[int, int]:
+        """Canvas rows ``[r0, r1)`` behind output rows ``[a, b)``: the whole canvas for the whole output (resized
+        by ``F.interpolate`` of the whole canvas, the authors' computation), else the rows the band reads."""
+        if not self.resize:
+            return a, b
+        return (0, self.h) if (a, b) == (0, self.out_size[0]) else (self.lo[a], self.hi[b - 1])
 
     def render(self, maps: torch.Tensor, rows: tuple[int, int],
                per_window: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -158,7 +143,7 @@ class _Renderer:
         if per_window is None and not window_fp16 and canvas_dtype == torch.float32 and self.fast_ok(maps):
             return self.render_composed(maps, rows)
         a, b = rows
-        r0, r1 = (self.lo[a], self.hi[b - 1]) if self.resize else (a, b)
+        r0, r1 = self.canvas_rows(a, b)
         canvas = None
         for (y1, y2, x1, x2), m in zip(self.boxes, maps):
             ys0, ys1 = max(y1, r0), min(y2, r1)
