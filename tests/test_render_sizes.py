@@ -133,3 +133,14 @@ def _reference_fp16(maps, boxes, resized, orig):
     if tuple(orig) == (h, w):
         return canvas
     return F.interpolate(canvas[None], size=tuple(orig), mode="bilinear", align_corners=False)[0]
+
+
+@pytest.mark.parametrize("n_in,n_out", [(448, 100), (336, 97), (437, 131), (224, 300), (14, 224), (28, 28)])
+def test_two_tap_matmul_is_the_float64_matmul(n_in, n_out):
+    """The renderer's band passes: two taps per output, the bits of the dense float64 product rounded once."""
+    from floss._interp import interp_matrix, two_tap_matmul
+    m = interp_matrix(n_in, n_out, "cpu")
+    x = torch.randn(3, n_in, 5, generator=torch.Generator().manual_seed(n_in)) * 7
+    dense = torch.einsum("oi,nic->noc", m.double(), x.double()).float()
+    assert torch.equal(two_tap_matmul(m, x, dim=1), dense)
+    assert torch.equal(two_tap_matmul(m, x.transpose(1, 2), dim=2), dense.transpose(1, 2))
