@@ -214,12 +214,13 @@ def stable_softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def classify(record: ImageRecord, classifiers: torch.Tensor, settings, out: str = "orig", logits: bool = False,
-             device=None) -> torch.Tensor:
+             device=None, canvas_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Per-pixel query scores [C, Q, H, W] of C classifiers [C, Q, D] for one cached image.
 
     ``out="orig"``: at the label size (the authors' protocol); ``"resized"``: the window-averaged map before the
     final resize (for ``"final"`` the softmax is then taken at that size). ``logits=True``: window-averaged raw
-    cosines without any softmax. Merge queries into classes with :func:`merge_queries`.
+    cosines without any softmax. ``canvas_dtype``: of the window-averaged canvas (ranking: fp16 where
+    ``settings.canvas_fp16``). Merge queries into classes with :func:`merge_queries`.
     """
     device = _device(device) if device is not None else classifiers.device
     renderer = _Renderer(record, out, device)
@@ -229,7 +230,7 @@ def classify(record: ImageRecord, classifiers: torch.Tensor, settings, out: str 
     maps = maps.reshape(nw, c * q, *maps.shape[3:])
     result = torch.empty(c * q, *renderer.out_size, device=device)
     for a, b in renderer.bands(c * q):
-        result[:, a:b] = renderer.render(maps, (a, b), window_fp16=settings.window_fp16)
+        result[:, a:b] = renderer.render(maps, (a, b), window_fp16=settings.window_fp16, canvas_dtype=canvas_dtype)
     result = result.reshape(c, q, *renderer.out_size)
     if settings.softmax_stage == "final" and not logits:
         result = stable_softmax(settings.logit_scale * result, dim=1)
@@ -276,34 +277,35 @@ def rank_record(st, record: ImageRecord, text: torch.Tensor, settings, query_to_
     """Add one image to the statistics ``st`` of the M single-template classifiers (protocol §3).
 
     ``text`` [M, Q, D] on the device of the computation. ``"window"``: window-averaged probabilities resized to the
-    original size (no re-softmax); with ``window_fp16`` the canvas is fp16 as the authors' compute_metric and
-    ``TemplateStats.update(size=orig)`` does the upsampling. ``"final"``: cosines are averaged, resized to the
-    original size, then softmax(logit_scale·), then the synonym max (unnormalised, ``normalized=False``).
+    original size (no re-softmax). ``"final"``: cosines are averaged, resized to the original size, then
+    softmax(logit_scale·), then the synonym max (unnormalised, ``normalized=False``). ``settings.canvas_fp16``:
+    the averaged canvas is fp16 (the authors' compute_metric on ADE/COCO), read in fp32 for the resize.
     """
     device = text.device
     M, Q, _ = text.shape
     K = st.num_classes
     metrics = st.metrics
-    # fp16 window casts (ADE/COCO): the authors' fp16 canvas at the resized size, upsampled by TemplateStats;
-    # otherwise the map at the original size directly (the same bilinear resize, cheapest path chosen per image)
-    fp16_canvas = settings.softmax_stage == "window" and settings.window_fp16
+    # "window" with the fp16 canvas: the canvas at the resized size, upsampled by TemplateStats; otherwise the
+    # map at the original size directly (the same bilinear resize, cheapest path chosen per image)
+    resampled = settings.canvas_fp16 and settings.softmax_stage == "window"
+    canvas_dtype = torch.float16 if settings.canvas_fp16 else torch.float32
     feats = _window_averaged_features(record, device) if "iti" in metrics else None
-    out = "resized" if fp16_canvas else "orig"
-    H, W = record.resized_size if fp16_canvas else record.orig_size
+    out = "resized" if resampled else "orig"
+    H, W = record.resized_size if resampled else record.orig_size
     chunk = max(1, min(template_chunk, MAX_BAND_ELEMENTS // max(1, Q * H * W)))
     for start in range(0, M, chunk):
         ids = list(range(start, min(start + chunk, M)))
-        if fp16_canvas:
+        if resampled:
             renderer = _Renderer(record, out, device)
             maps = window_scores(record, text[ids], settings, softmax=True, device=device)
             maps = maps.reshape(maps.shape[0], -1, *maps.shape[3:])
-            probs = torch.cat([renderer.render(maps, band, window_fp16=True, canvas_dtype=torch.float16)
+            probs = torch.cat([renderer.render(maps, band, window_fp16=settings.window_fp16, canvas_dtype=canvas_dtype)
                                for band in renderer.bands(maps.shape[1])], dim=1)
             probs = probs.reshape(len(ids), Q, H, W)
         else:
-            probs = classify(record, text[ids], settings, out=out, device=device)
+            probs = classify(record, text[ids], settings, out=out, device=device, canvas_dtype=canvas_dtype)
         probs = merge_queries(probs, query_to_class, K)
-        st.update(probs, size=tuple(record.orig_size) if fp16_canvas else None, templates=ids, features=feats,
+        st.update(probs, size=tuple(record.orig_size) if resampled else None, templates=ids, features=feats,
                   image_id=record.id if st.track_images else None, normalized=Q == K)
 
 
