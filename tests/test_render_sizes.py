@@ -102,34 +102,35 @@ def test_per_template_fast_path_at_every_size(model, dataset, orig):
     maps = protocol.window_scores(rec, text, s, softmax=not final, device="cpu")       # [Nw, M, K, gh, gw]
     fp16 = s.window_fp16
     for t in range(m):
-        wm = maps[:, t].half().float() if fp16 else maps[:, t]
-        if fp16:   # the cast is on the upsampled window outputs: reference with the cast in place
-            ref = _reference_fp16(maps[:, t], boxes, resized, orig)
-        else:
-            ref = reference_render(wm, boxes, resized, orig)
-        top2 = ref.topk(2, dim=0).values
-        clear = (top2[0] - top2[1]) > (2e-3 if fp16 else 1e-5)
-        label = torch.where(clear, ref.argmax(0), torch.full_like(clear, 255, dtype=torch.long)).to(torch.uint8)
-        for fn in (per_template_confusion, per_template_confusion_reference):
-            conf = fn(rec, text[t:t + 1], s, list(range(k)), k, label, "cpu")[0]
-            assert int(conf.sum()) == int(clear.sum())
-            assert int(conf.trace()) == int(clear.sum()), (fn.__name__, int(conf.sum() - conf.trace()))
-        r = protocol._Renderer(rec, "orig", "cpu")
-        pred = torch.cat([protocol.merge_queries(r.render(maps[:, t], band, window_fp16=fp16), list(range(k)), k)
-                          .argmax(0) for band in r.bands(k)])
-        cm = confusion_matrix(pred, label.long(), k, ignore_index=255)
-        assert int(cm.trace()) == int(clear.sum())
+        # the renderer (fp32 canvas, optional fp16 window cast), and the per-template paths (canvas per settings)
+        for ref, canvas16, fns in [(_reference(maps[:, t], boxes, resized, orig, fp16, False), False, ()),
+                                   (_reference(maps[:, t], boxes, resized, orig, fp16, s.canvas_fp16), True,
+                                    (per_template_confusion, per_template_confusion_reference))]:
+            top2 = ref.topk(2, dim=0).values
+            clear = (top2[0] - top2[1]) > (1e-5 if not fp16 else 2e-3 if not s.canvas_fp16 else 1e-2)
+            label = torch.where(clear, ref.argmax(0), torch.full_like(clear, 255, dtype=torch.long)).to(torch.uint8)
+            for fn in fns:
+                conf = fn(rec, text[t:t + 1], s, list(range(k)), k, label, "cpu")[0]
+                assert int(conf.sum()) == int(clear.sum())
+                assert int(conf.trace()) == int(clear.sum()), (fn.__name__, int(conf.sum() - conf.trace()))
+            if not canvas16:
+                r = protocol._Renderer(rec, "orig", "cpu")
+                pred = torch.cat([protocol.merge_queries(r.render(maps[:, t], band, window_fp16=fp16), list(range(k)),
+                                                         k).argmax(0) for band in r.bands(k)])
+                cm = confusion_matrix(pred, label.long(), k, ignore_index=255)
+                assert int(cm.trace()) == int(clear.sum())
 
 
-def _reference_fp16(maps, boxes, resized, orig):
+def _reference(maps, boxes, resized, orig, window16: bool, canvas16: bool):
+    """``reference_render`` with the fp16 window cast and/or the fp16 canvas (sums and division in fp16)."""
     h, w = resized
-    canvas = torch.zeros(maps.shape[1], h, w)
+    canvas = torch.zeros(maps.shape[1], h, w, dtype=torch.float16 if canvas16 else torch.float32)
     count = torch.zeros(h, w)
     for (y1, y2, x1, x2), m in zip(boxes.tolist(), maps):
         up = F.interpolate(m[None], size=(y2 - y1, x2 - x1), mode="bilinear", align_corners=False)[0]
-        canvas[:, y1:y2, x1:x2] += up.half().float()
+        canvas[:, y1:y2, x1:x2] += up.half().to(canvas.dtype) if window16 or canvas16 else up
         count[y1:y2, x1:x2] += 1
-    canvas = canvas / count
+    canvas = (canvas / count.to(canvas.dtype)).float()
     if tuple(orig) == (h, w):
         return canvas
     return F.interpolate(canvas[None], size=tuple(orig), mode="bilinear", align_corners=False)[0]
