@@ -3,16 +3,16 @@
 For each registered model (a tiny random open_clip ViT from ``tests/assets``, ``pretrained="none"``, on CPU)
 with its ADE20K protocol settings (``settings_for(model, "ade20k")``: keep-ratio resize, sliding windows, the
 authors' fp16 casts), one random RGB image per original size (96×128, 128×256, 256×512, the model's input
-size — short side of its resize × twice that, i.e. no final resize —, 512×1024, 1024×2048) is encoded once (not timed),
-then, in the same process, side by side:
+size — short side of its resize × twice that, i.e. no final resize —, 512×1024, 1024×2048) is encoded once
+(not timed), then, in the same process, side by side:
 
 * ``rank``: :func:`floss.protocol.rank_record` (what ``floss rank`` / ``rank_images`` runs per image) for
   ``--templates`` single-template classifiers of ``--classes`` classes (ADE20K: 150), entropy;
 * ``eval``: :func:`floss._argmax.per_template_confusion` (``evaluate_cache(per_template=True)``) of the same
   classifiers against a random label.
 
-Prints a markdown table of seconds per image (median of ``--repeats``, the sizes alternating). ``--old`` also times both with the
-renderer's previous separable band path (dense float64 matmuls) swapped back in and checks that every
+Prints a markdown table of seconds per image (median of ``--repeats``, the sizes alternating). ``--old`` also
+times both with the renderer's previous separable band path (dense float64 matmuls) swapped back in and checks that every
 statistic and confusion matrix is identical.
 
     CUDA_VISIBLE_DEVICES= python benchmarks/bench_sizes.py [--models ...] [--templates 8] [--classes 150]
