@@ -12,8 +12,8 @@ size — short side of its resize × twice that, i.e. no final resize —, 512×
   classifiers against a random label.
 
 Prints a markdown table of seconds per image (median of ``--repeats``, the sizes alternating). ``--old`` also
-times both with the renderer's previous separable band path (dense float64 matmuls) swapped back in and checks that every
-statistic and confusion matrix is identical.
+times both with the renderer's previous separable band path (dense float64 matmuls) swapped back in and
+checks that every statistic and confusion matrix is identical.
 
     CUDA_VISIBLE_DEVICES= python benchmarks/bench_sizes.py [--models ...] [--templates 8] [--classes 150]
         [--repeats 3] [--threads 2] [--old] [--sizes 96x128 input ...]
