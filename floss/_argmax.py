@@ -4,39 +4,37 @@
 of every original-resolution pixel: window maps ``P_w [Q, gh, gw]`` on the patch grid are bilinearly
 upsampled to their windows (optionally cast to fp16), averaged where windows overlap, bilinearly resized to
 the original size, query scores are merged into class scores (max over synonyms), and the argmax is compared
-with the label. :class:`floss.protocol._Renderer` renders ``M·Q·H·W`` values with dense interpolation
-matrices (80·19·1024·2048 = 3.2e9 at Cityscapes size); that is what made it slow. Here:
+with the label. Rendering ``M·Q·H·W`` values (3.2e9 at Cityscapes size) is slow. Here:
 
 1. **Uniform cells** (skipped). Every step is linear with non-negative weights summing to one, so the vector
    at an output pixel is a convex combination of the patch-grid vectors in its *support* (the grid cells with
    a non-zero weight). On a window grid the support of pixel ``(Y, X)`` is a row support (depending on ``Y``)
    times a column support (``X``): the output splits into rectangular *cells* sharing one support. If every
    vector of a cell's support has the same first-argmax query ``q*`` beating every query of another class by
-   more than ``τ`` (1e-5; 2e-3 with the fp16 window cast, which moves a value <= 1 by <= 2^-12), so does
-   every convex combination, by more than the renderer's rounding: the whole cell predicts ``class(q*)``; its
-   confusion counts are its label histogram (once per image) added to one column.
+   more than ``τ`` (1e-5; 2e-3 with the fp16 window cast, which moves a value <= 1 by <= 2^-12; 2e-2 with the
+   fp16 canvas), so does every convex combination, by more than the renderer's rounding: the whole cell
+   predicts ``class(q*)``; its confusion counts are its label histogram (once per image) added to one column.
 2. **Composed scores** elsewhere: the same linear map applied as ``Σ_ab A_a P_ab B_bᵀ`` (``A``, ``B``: window
    upsampling, division by the window count and final resize composed per axis in float64): one matmul over
    the grid columns, then a 2–4 term sum per output row, in cache-sized tiles of rows.
 3. **Exact repair of near ties.** Composed scores differ from the renderer's by rounding: <= ~1.4e-6 of the
-   largest |value| in fp32, <= 2.5e-4 with the fp16 cast (which the composed map does not apply). Pixels whose
-   composed top two classes are within ``δ`` (1e-5, resp. 1e-3, of that scale; 0.005 % resp. ~1 % of pixels
-   on synthetic caches) are recomputed with the renderer's own arithmetic for the classes within ``δ``:
+   largest |value| in fp32, <= 2.5e-4 with the fp16 cast, <= 2.2e-3 with the fp16 canvas (neither applied by
+   the composed map). Pixels whose composed top two classes are within ``δ`` (1e-5, 1e-3, resp. 1e-2 of that
+   scale) are recomputed with the renderer's own arithmetic for the classes within ``δ``:
    window upsampling by fused multiply-adds in the order of the kernel the renderer uses (``F.interpolate``:
    ``fma(x0, w0, x1·w1)``; the matrix products it uses for large channel counts: MKL's FMA chain
-   ``fma(x1, w1, x0·w0)``; both checked bit for bit), the fp16 cast, the canvas sum in window order, the
-   division by the window count, then the final resize in the renderer's order and kernel. Classes outside
-   ``δ`` cannot win or tie. The renderer's band path (``protocol._separable``) does each resize pass as a
-   float64 matmul rounded to float32 — two exact products summed once, whatever GEMM kernel runs — and is
-   replicated the same way. Remaining difference: the fused multiply-adds are emulated in float64 (exact
-   products, then a rounding to float64 and one to float32), which differs from a true FMA only when that
-   double rounding meets a float32 midpoint (probability ~2⁻²⁹ per value); an argmax can then differ only
-   where the renderer's two top classes tie to the last bit. The renderer upsamples contiguous copies of the
-   window maps: ``F.interpolate`` takes another kernel, with other rounding, on a channels-last-like layout.
+   ``fma(x1, w1, x0·w0)``; both checked bit for bit), the fp16 cast, the canvas sum in window order (each sum
+   rounded to fp16 on an fp16 canvas), the division by the window count, then the final resize in the
+   renderer's order and kernel. Classes outside ``δ`` cannot win or tie. The renderer's band path
+   (``floss._interp.separable``: two exact products summed once per pass, in float64) is replicated.
+   Remaining difference: the fused multiply-adds are emulated in float64 (exact products, then a rounding to
+   float64 and one to float32), which differs from a true FMA only when that double rounding meets a float32
+   midpoint (probability ~2⁻²⁹ per value); an argmax can then differ only where the renderer's two top classes
+   tie to the last bit. The renderer upsamples contiguous copies of the window maps (``F.interpolate`` takes
+   another kernel, with other rounding, on a channels-last-like layout).
 
-Non-grid window layouts, small fp32 images (which the renderer draws with its composed-matrix shortcut,
-``_Renderer.fast_ok``) and tiny sizes where ``F.interpolate`` does not compute the two-tap formulas (checked on
-a probe per geometry) take the reference loop (:func:`per_template_confusion_reference`).
+Non-grid layouts, small fp32 images (the renderer's composed shortcut), fp16 canvases over 4 windows deep and
+tiny sizes where ``F.interpolate`` is not two-tap take the reference (:func:`per_template_confusion_reference`).
 """
 from __future__ import annotations
 
@@ -50,15 +48,13 @@ import torch.nn.functional as F
 from floss._interp import bilinear_taps
 from floss._threads import map_single_threaded
 
-__all__ = ["per_template_confusion", "per_template_confusion_reference", "TAU_FP32", "TAU_FP16",
-           "NEAR_TIE_FP32", "NEAR_TIE_FP16"]
+__all__ = ["per_template_confusion", "per_template_confusion_reference", "TAU_FP32", "TAU_FP16", "TAU_CANVAS16",
+           "NEAR_TIE_FP32", "NEAR_TIE_FP16", "NEAR_TIE_CANVAS16"]
 
-#: margins of the uniform-cell test (relative to max(1, max |grid value|)): renderer rounding, resp. fp16 cast
-TAU_FP32 = 1e-5
-TAU_FP16 = 2e-3
-#: composed scores within this of the top score are recomputed exactly (same scale)
-NEAR_TIE_FP32 = 1e-5
-NEAR_TIE_FP16 = 1e-3
+#: uniform-cell margins and near-tie widths (of max(1, max |grid value|)) per level: fp32, fp16 window cast, fp16
+#: canvas (its sums and division move a value by <= (2^-12 + 4·2^-11)·scale, <= 4 windows per pixel)
+TAU_FP32, TAU_FP16, TAU_CANVAS16 = 1e-5, 2e-3, 2e-2
+NEAR_TIE_FP32, NEAR_TIE_FP16, NEAR_TIE_CANVAS16 = 1e-5, 1e-3, 1e-2
 #: float budget of one tile of output scores (channels · output rows · output columns), ~cache sized
 TILE_ELEMENTS = 1 << 20
 
@@ -345,7 +341,7 @@ class _Composed:
 
 
 def _renderer_values(flat: torch.Tensor, img: _Image, ch: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor,
-                     fp16: bool, window_matrix: list[bool], final_matrix: bool) -> torch.Tensor:
+                     fp16: int, window_matrix: list[bool], final_matrix: bool) -> torch.Tensor:
     """Scores of channels ``ch`` at output pixels ``(ys, xs)`` (1-D, same length) with the renderer's arithmetic
     (module docstring, step 3); ``flat [Nw, C, gh, gw]`` window maps."""
     geo = img.geo
@@ -378,12 +374,13 @@ def _renderer_values(flat: torch.Tensor, img: _Image, ch: torch.Tensor, ys: torc
                 up = _lerp(top, rw0, bot, rw1, m)                                # height pass
                 if fp16:
                     up = up.half().float()
-                acc[cover] = acc[cover] + up
+                acc[cover] = acc[cover] + up if fp16 < 2 else (acc[cover] + up).half().float()  # fp16 canvas
             canvas[ri, si] = acc / (rows.count.to(dev)[rr] * cols.count.to(dev)[ss])
+            canvas[ri, si] = canvas[ri, si] if fp16 < 2 else canvas[ri, si].half().float()
     fc0, fc1 = (x[xs] for x in ct.weights(fin, device=dev))
     fr0, fr1 = (x[ys] for x in rt.weights(fin, device=dev))
     if fin and dev.type == "cpu":
-        # the renderer's banded final resize (protocol._separable): per pass two exact float64 products summed,
+        # the renderer's banded final resize (floss._interp.separable): per pass two exact float64 products summed,
         # rounded to float32; columns first
         def pass64(x0, w0, x1, w1):
             return (x0.double() * w0.double() + x1.double() * w1.double()).float()
@@ -396,7 +393,7 @@ def _renderer_values(flat: torch.Tensor, img: _Image, ch: torch.Tensor, ys: torc
 
 
 def _repair(flat: torch.Tensor, img: _Image, q: int, k: int, groups, t_idx: torch.Tensor, ys: torch.Tensor,
-            xs: torch.Tensor, cls: torch.Tensor, fp16: bool, window_matrix: list[bool],
+            xs: torch.Tensor, cls: torch.Tensor, fp16: int, window_matrix: list[bool],
             final_matrix: bool) -> torch.Tensor:
     """First-argmax class (renderer arithmetic) of pixels ``(t_idx, ys, xs)`` [n], among candidate classes
     ``cls [n, L]`` (-1 = none; the classes within ``δ`` of the composed top score)."""
@@ -424,13 +421,13 @@ def _repair(flat: torch.Tensor, img: _Image, q: int, k: int, groups, t_idx: torc
 
 
 def _chunk_confusion(maps: torch.Tensor, img: _Image, groups, q2c: torch.Tensor, num_classes: int,
-                     fp16: bool, window_matrix: list[bool], final_matrix: bool) -> torch.Tensor:
+                     fp16: int, window_matrix: list[bool], final_matrix: bool) -> torch.Tensor:
     """``[T, K, K]`` confusion matrices of the T templates whose window maps are ``maps [Nw, T, Q, gh, gw]``;
     ``window_matrix``/``final_matrix``: the renderer's kernels for this chunk (:meth:`_Image.arithmetic`)."""
     geo, dev = img.geo, maps.device
     nw, t, q, gh, gw = maps.shape
     k = num_classes
-    uniform, query = _cells(maps, geo, groups, TAU_FP16 if fp16 else TAU_FP32)
+    uniform, query = _cells(maps, geo, groups, (TAU_FP32, TAU_FP16, TAU_CANVAS16)[fp16])
     conf = torch.zeros(t * k, k, dtype=torch.long, device=dev)                  # [pred-major]
     tidx = torch.arange(t, device=dev).view(-1, 1, 1).expand_as(uniform)
     pred = (tidx * k + q2c[query])[uniform]
@@ -445,7 +442,7 @@ def _chunk_confusion(maps: torch.Tensor, img: _Image, groups, q2c: torch.Tensor,
     flat = maps.reshape(nw, t * q, gh, gw)
     composed = _Composed(flat, img)
     scale = max(1.0, float(flat.abs().amax()))
-    delta = (NEAR_TIE_FP16 if fp16 else NEAR_TIE_FP32) * scale
+    delta = (NEAR_TIE_FP32, NEAR_TIE_FP16, NEAR_TIE_CANVAS16)[fp16] * scale
     run_has_work = todo.any(2).any(0).tolist()
     dump = t * k * k
     n_x = cols.out
@@ -513,9 +510,10 @@ def per_template_confusion(record, text: torch.Tensor, settings, query_to_class:
     k = num_classes
     final = settings.softmax_stage == "final"
     img = _Image(record, label, k, device)
-    # non-grid layouts, and small images the renderer draws with its composed-matrix shortcut (fp32 only;
-    # cheap to render, and its rounding is not the canvas arithmetic replicated here): the reference loop
-    if not img.geo.grid_ok or (not settings.window_fp16 and img.renderer.fast_ok(record.feats)):
+    # the reference loop: non-grid layouts, small fp32 images (the renderer's composed shortcut: not the canvas
+    # arithmetic replicated here), fp16 canvases over 4 windows deep (beyond the margins of TAU_CANVAS16)
+    if not img.geo.grid_ok or (not settings.window_fp16 and img.renderer.fast_ok(record.feats)) or (
+            settings.canvas_fp16 and int(img.renderer.count.max()) > 4):
         return per_template_confusion_reference(record, text, settings, query_to_class, num_classes, label,
                                                 device, chunk)
     q2c = list(query_to_class)
@@ -537,11 +535,12 @@ def per_template_confusion(record, text: torch.Tensor, settings, query_to_class:
             arith[channels] = (img.window_matrix, img.final_matrix)
 
     img.geo.rows.composed, img.geo.cols.composed        # built once here, read by the workers
+    level = 2 if settings.canvas_fp16 else int(settings.window_fp16)    # fp16: none, window cast, canvas
 
     def run(item):
         start, maps = item
         wm, fm = arith[maps.shape[1] * q]
-        return start, _chunk_confusion(maps, img, groups, q2c_t, k, settings.window_fp16, wm, fm)
+        return start, _chunk_confusion(maps, img, groups, q2c_t, k, level, wm, fm)
 
     out = torch.zeros(m, k, k, dtype=torch.long, device=device)
     workers = None if torch.device(device).type == "cpu" else 1
@@ -568,7 +567,8 @@ def per_template_confusion_reference(record, text: torch.Tensor, settings, query
         maps = window_scores(record, text[ids], settings, softmax=not final, device=device)
         maps = maps.reshape(maps.shape[0], -1, *maps.shape[3:])
         for a, b in renderer.bands(maps.shape[1]):
-            band = renderer.render(maps, (a, b), window_fp16=settings.window_fp16)
+            band = renderer.render(maps, (a, b), window_fp16=settings.window_fp16,
+                                   canvas_dtype=torch.float16 if settings.canvas_fp16 else torch.float32)
             band = band.reshape(len(ids), q, b - a, -1)
             for j, t in enumerate(ids):
                 pred = merge_queries(band[j], query_to_class, k).argmax(dim=-3)

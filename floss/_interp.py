@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["Taps", "bilinear_taps", "bilinear_matrix", "source_rows", "upsample_rows", "upsample_bilinear",
-           "RowUpsampler", "matrix_upsample_rows"]
+           "RowUpsampler", "matrix_upsample_rows", "interp_matrix", "separable", "rows_matmul",
+           "two_tap_matmul"]
 
 
 class Taps(NamedTuple):
@@ -214,3 +215,44 @@ def upsample_bilinear(x: torch.Tensor, size: Sequence[int], rows: slice | None =
     lead = x.shape[:-2]
     out = upsample_rows(x.reshape(-1, *x.shape[-2:]), tuple(size), rows)  # [R, N, W]
     return out.permute(1, 0, 2).reshape(*lead, out.shape[0], size[1])
+
+
+def two_tap_matmul(m: torch.Tensor, x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``m [n_out, n_in]`` applied along ``dim`` of ``x``, rounded to float32, for a matrix with at most two
+    non-zero weights per row (an interpolation matrix): the bits of a float64 matmul rounded to float32
+    (``(m.double() @ x.double()).float()`` along ``dim``) at the cost of two taps per output. The products are
+    exact in float64 and the zero terms add exact zeros, so any summation order rounds the two products' sum
+    once. Other matrices take the dense float64 product."""
+    nz = m != 0
+    if bool((nz.sum(1) > 2).any()):
+        return torch.movedim(torch.tensordot(m.double(), x.double(), dims=([1], [dim])), 0, dim).float()
+    i0 = nz.int().argmax(1)
+    i1 = m.shape[1] - 1 - nz.flip(1).int().argmax(1)
+    w0 = m.gather(1, i0[:, None])[:, 0].double()
+    w1 = torch.where(i1 != i0, m.gather(1, i1[:, None])[:, 0], torch.zeros_like(m[:, 0])).double()
+    shape, lead = [1] * x.ndim, (slice(None),) * (dim % x.ndim)
+    shape[dim] = -1
+    out = x[lead + (i0,)].double().mul_(w0.view(shape))     # indexing: far faster than index_select on dim -1
+    return out.addcmul_(x[lead + (i1,)].double(), w1.view(shape)).float()
+
+
+@functools.lru_cache(maxsize=256)
+def interp_matrix(n_in: int, n_out: int, device: str) -> torch.Tensor:
+    """[n_out, n_in] weights of 1-D bilinear resizing, taken from ``F.interpolate`` itself (same kernel)."""
+    eye = torch.eye(n_in, dtype=torch.float32, device=device)[None]            # [1, n_in(channels), n_in]
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].T.contiguous()
+
+
+def separable(rows: torch.Tensor, x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``rows · x · colsᵀ`` per channel of ``x [N, h, w]`` (interpolation matrices). On CPU each pass rounds the
+    float64 sum of a row's two exact products once to float32 (:func:`two_tap_matmul`): the bits of a float64
+    matmul rounded to float32, whatever the CPU's GEMM kernel, and what ``floss._argmax`` replicates."""
+    if x.device.type == "cpu":
+        return two_tap_matmul(rows, two_tap_matmul(cols, x, dim=2), dim=1).to(x.dtype)
+    return rows_matmul(rows, torch.matmul(x, cols.T))
+
+
+def rows_matmul(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``[r, h] x [N, h, w] -> [N, r, w]`` as one 2-D matmul (a broadcast batched matmul is far slower)."""
+    n, h, w = x.shape
+    return (weights @ x.transpose(0, 1).reshape(h, n * w)).reshape(-1, n, w).transpose(0, 1)

@@ -18,7 +18,6 @@ matrices (exactly the weights of ``F.interpolate``), so a [K, K, H, W] tensor ne
 """
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from typing import Callable, Sequence
@@ -28,7 +27,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from floss._argmax import per_template_confusion
-from floss._interp import matrix_upsample_rows
+from floss._interp import (interp_matrix as _interp_matrix, matrix_upsample_rows, rows_matmul as _rows_matmul,
+                           separable as _separable)
 from floss.cache import CacheError, FeatureCache, ImageRecord
 from floss.evaluation import confusion_matrix, miou
 from floss.fusion import fuse_many
@@ -39,30 +39,6 @@ logger = logging.getLogger(__name__)
 #: float elements per rendered band (window upsampling temporaries and outputs), ~512 MB in fp32
 MAX_BAND_ELEMENTS = 1 << 27
 IGNORE_INDEX = 255
-
-
-@functools.lru_cache(maxsize=256)
-def _interp_matrix(n_in: int, n_out: int, device: str) -> torch.Tensor:
-    """[n_out, n_in] weights of 1-D bilinear resizing, taken from ``F.interpolate`` itself (same kernel)."""
-    eye = torch.eye(n_in, dtype=torch.float32, device=device)[None]            # [1, n_in(channels), n_in]
-    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].T.contiguous()
-
-
-def _separable(rows: torch.Tensor, x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """``rows · x · colsᵀ`` per channel of ``x [N, h, w]``. On CPU each pass is a float64 matmul rounded to
-    float32: a row of an interpolation matrix has two non-zero weights, so each output is two exact products
-    summed and rounded once, whatever GEMM kernel the CPU's instruction set selects (and what
-    ``floss._argmax`` replicates)."""
-    if x.device.type == "cpu":
-        width = torch.matmul(x.double(), cols.double().T).float()
-        return _rows_matmul(rows.double(), width.double()).to(x.dtype)
-    return _rows_matmul(rows, torch.matmul(x, cols.T))
-
-
-def _rows_matmul(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``[r, h] x [N, h, w] -> [N, r, w]`` as one 2-D matmul (a broadcast batched matmul is far slower)."""
-    n, h, w = x.shape
-    return (weights @ x.transpose(0, 1).reshape(h, n * w)).reshape(-1, n, w).transpose(0, 1)
 
 
 class _Renderer:
@@ -145,11 +121,20 @@ class _Renderer:
         start, H = 0, self.out_size[0]
         while start < H:
             stop = start + 1
-            while stop < H and stop - start < budget_rows and (
-                    not self.resize or self.hi[stop] - self.lo[start] <= budget_rows):
+            while stop < H and stop - start < budget_rows:
+                r0, r1 = self.canvas_rows(start, stop + 1)
+                if r1 - r0 > budget_rows:
+                    break
                 stop += 1
             yield start, stop
             start = stop
+
+    def canvas_rows(self, a: int, b: int) -> tuple[int, int]:
+        """Canvas rows ``[r0, r1)`` behind output rows ``[a, b)``: the whole canvas for the whole output (resized
+        by ``F.interpolate`` of the whole canvas, the authors' computation), else the rows the band reads."""
+        if not self.resize:
+            return a, b
+        return (0, self.h) if (a, b) == (0, self.out_size[0]) else (self.lo[a], self.hi[b - 1])
 
     def render(self, maps: torch.Tensor, rows: tuple[int, int],
                per_window: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -158,7 +143,7 @@ class _Renderer:
         if per_window is None and not window_fp16 and canvas_dtype == torch.float32 and self.fast_ok(maps):
             return self.render_composed(maps, rows)
         a, b = rows
-        r0, r1 = (self.lo[a], self.hi[b - 1]) if self.resize else (a, b)
+        r0, r1 = self.canvas_rows(a, b)
         canvas = None
         for (y1, y2, x1, x2), m in zip(self.boxes, maps):
             ys0, ys1 = max(y1, r0), min(y2, r1)
@@ -229,12 +214,13 @@ def stable_softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def classify(record: ImageRecord, classifiers: torch.Tensor, settings, out: str = "orig", logits: bool = False,
-             device=None) -> torch.Tensor:
+             device=None, canvas_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Per-pixel query scores [C, Q, H, W] of C classifiers [C, Q, D] for one cached image.
 
     ``out="orig"``: at the label size (the authors' protocol); ``"resized"``: the window-averaged map before the
     final resize (for ``"final"`` the softmax is then taken at that size). ``logits=True``: window-averaged raw
-    cosines without any softmax. Merge queries into classes with :func:`merge_queries`.
+    cosines without any softmax. ``canvas_dtype``: of the window-averaged canvas (ranking: fp16 where
+    ``settings.canvas_fp16``). Merge queries into classes with :func:`merge_queries`.
     """
     device = _device(device) if device is not None else classifiers.device
     renderer = _Renderer(record, out, device)
@@ -244,7 +230,7 @@ def classify(record: ImageRecord, classifiers: torch.Tensor, settings, out: str 
     maps = maps.reshape(nw, c * q, *maps.shape[3:])
     result = torch.empty(c * q, *renderer.out_size, device=device)
     for a, b in renderer.bands(c * q):
-        result[:, a:b] = renderer.render(maps, (a, b), window_fp16=settings.window_fp16)
+        result[:, a:b] = renderer.render(maps, (a, b), window_fp16=settings.window_fp16, canvas_dtype=canvas_dtype)
     result = result.reshape(c, q, *renderer.out_size)
     if settings.softmax_stage == "final" and not logits:
         result = stable_softmax(settings.logit_scale * result, dim=1)
@@ -291,34 +277,35 @@ def rank_record(st, record: ImageRecord, text: torch.Tensor, settings, query_to_
     """Add one image to the statistics ``st`` of the M single-template classifiers (protocol §3).
 
     ``text`` [M, Q, D] on the device of the computation. ``"window"``: window-averaged probabilities resized to the
-    original size (no re-softmax); with ``window_fp16`` the canvas is fp16 as the authors' compute_metric and
-    ``TemplateStats.update(size=orig)`` does the upsampling. ``"final"``: cosines are averaged, resized to the
-    original size, then softmax(logit_scale·), then the synonym max (unnormalised, ``normalized=False``).
+    original size (no re-softmax). ``"final"``: cosines are averaged, resized to the original size, then
+    softmax(logit_scale·), then the synonym max (unnormalised, ``normalized=False``). ``settings.canvas_fp16``:
+    the averaged canvas is fp16 (the authors' compute_metric on ADE/COCO), read in fp32 for the resize.
     """
     device = text.device
     M, Q, _ = text.shape
     K = st.num_classes
     metrics = st.metrics
-    # fp16 window casts (ADE/COCO): the authors' fp16 canvas at the resized size, upsampled by TemplateStats;
-    # otherwise the map at the original size directly (the same bilinear resize, cheapest path chosen per image)
-    fp16_canvas = settings.softmax_stage == "window" and settings.window_fp16
+    # "window" with the fp16 canvas: the canvas at the resized size, upsampled by TemplateStats; otherwise the
+    # map at the original size directly (the same bilinear resize, cheapest path chosen per image)
+    resampled = settings.canvas_fp16 and settings.softmax_stage == "window"
+    canvas_dtype = torch.float16 if settings.canvas_fp16 else torch.float32
     feats = _window_averaged_features(record, device) if "iti" in metrics else None
-    out = "resized" if fp16_canvas else "orig"
-    H, W = record.resized_size if fp16_canvas else record.orig_size
+    out = "resized" if resampled else "orig"
+    H, W = record.resized_size if resampled else record.orig_size
     chunk = max(1, min(template_chunk, MAX_BAND_ELEMENTS // max(1, Q * H * W)))
     for start in range(0, M, chunk):
         ids = list(range(start, min(start + chunk, M)))
-        if fp16_canvas:
+        if resampled:
             renderer = _Renderer(record, out, device)
             maps = window_scores(record, text[ids], settings, softmax=True, device=device)
             maps = maps.reshape(maps.shape[0], -1, *maps.shape[3:])
-            probs = torch.cat([renderer.render(maps, band, window_fp16=True, canvas_dtype=torch.float16)
+            probs = torch.cat([renderer.render(maps, band, window_fp16=settings.window_fp16, canvas_dtype=canvas_dtype)
                                for band in renderer.bands(maps.shape[1])], dim=1)
             probs = probs.reshape(len(ids), Q, H, W)
         else:
-            probs = classify(record, text[ids], settings, out=out, device=device)
+            probs = classify(record, text[ids], settings, out=out, device=device, canvas_dtype=canvas_dtype)
         probs = merge_queries(probs, query_to_class, K)
-        st.update(probs, size=tuple(record.orig_size) if fp16_canvas else None, templates=ids, features=feats,
+        st.update(probs, size=tuple(record.orig_size) if resampled else None, templates=ids, features=feats,
                   image_id=record.id if st.track_images else None, normalized=Q == K)
 
 

@@ -60,6 +60,9 @@ class ProtocolSettings:
     protocol: str                 # "authors" | "paper"
     #: cosines rounded to fp16 before anything else (an fp16 model on CUDA: the authors' NACLIP, protocol §1.2)
     logits_fp16: bool = False
+    #: the window-averaged canvas of the single-template maps (ranking, per-template evaluation) is fp16: the
+    #: authors' compute_metric on ADE20K/COCO-Stuff (protocol §2.4); the baseline and FLOSS keep an fp32 canvas
+    canvas_fp16: bool = False
     # optional (defaults omitted by to_dict, so settings stored before the field existed read back equal)
     resize: str = "keep_ratio"    # one of RESIZE_MODES
 
@@ -80,7 +83,7 @@ class ProtocolSettings:
         if isinstance(self.logit_scale, bool) or not isinstance(self.logit_scale, (int, float)) \
                 or not self.logit_scale > 0:
             raise ValueError(f"logit_scale: expected a positive number, received {self.logit_scale!r}")
-        for name in ("renormalize_experts", "renormalize_fallback", "window_fp16", "logits_fp16"):
+        for name in ("renormalize_experts", "renormalize_fallback", "window_fp16", "logits_fp16", "canvas_fp16"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected a bool, received {getattr(self, name)!r}")
         if self.protocol not in PROTOCOLS:
@@ -97,6 +100,9 @@ class ProtocolSettings:
         for f in dataclasses.fields(self):
             if f.default is not dataclasses.MISSING and d[f.name] == f.default:
                 del d[f.name]
+        d.pop("canvas_fp16", None)   # written only where it differs from what settings without it imply
+        if self.canvas_fp16 != _implied_canvas_fp16(d):
+            d["canvas_fp16"] = self.canvas_fp16
         return d
 
     @classmethod
@@ -117,7 +123,14 @@ class ProtocolSettings:
             kw["scale"] = tuple(kw["scale"])
         if isinstance(kw["logit_scale"], int) and not isinstance(kw["logit_scale"], bool):
             kw["logit_scale"] = float(kw["logit_scale"])
+        kw.setdefault("canvas_fp16", _implied_canvas_fp16(kw))
         return cls(**kw)
+
+
+def _implied_canvas_fp16(d: dict[str, Any]) -> bool:
+    """``canvas_fp16`` of settings stored without it (before the field existed, the fp16 canvas went with the fp16
+    window cast of per-window softmax models)."""
+    return d["softmax_stage"] == "window" and bool(d["window_fp16"])
 
 
 def settings_for(model: str, dataset: str, protocol: str = "authors", precision: str = "fp32") -> ProtocolSettings:
@@ -127,7 +140,8 @@ def settings_for(model: str, dataset: str, protocol: str = "authors", precision:
       (896, 448), BDD (1280, 448), ACDC (796, 448), Mapillary (1920, 448), others (2048, 448)), 448 windows
       with stride 224, per-window softmax, un-renormalised expert/fallback classifiers. NACLIP: (2048, 336),
       driving sets (2048, 560), 224/112 windows (VOC20: whole image), softmax after the final resize,
-      renormalised classifiers. Window outputs are cast to fp16 on ADE20K/COCO-Stuff.
+      renormalised classifiers. Window outputs are cast to fp16 on ADE20K/COCO-Stuff, where the canvas of the
+      single-template maps (ranking, per-template evaluation) is fp16 too, for every model (``canvas_fp16``).
     * paper — every classifier renormalised, no fp16 cast; MaskCLIP at (2048, 336) (driving sets 560) with
       224/112 windows as the paper's text says; CLIP-DINOiser and NACLIP as above.
 
@@ -155,6 +169,9 @@ def settings_for(model: str, dataset: str, protocol: str = "authors", precision:
     authors = protocol == "authors"
     driving = dataset in DRIVING_DATASETS
     fp16 = (authors and dataset in _FP16_WINDOW_DATASETS) or precision == "fp16"
+    # the fp16 canvas of the authors' compute_metric (ADE/COCO), and of an fp16 per-window softmax model
+    stage = "window" if model in ("maskclip", "clipdinoiser") else "final"
+    canvas16 = (authors and dataset in _FP16_WINDOW_DATASETS) or (precision == "fp16" and stage == "window")
     if model in ("sclip", "clearclip", "gem", "gem_448"):
         resize = "keep_ratio"
         if model == "sclip":
@@ -166,7 +183,7 @@ def settings_for(model: str, dataset: str, protocol: str = "authors", precision:
         return ProtocolSettings(scale=scale, crop=crop, stride=stride, softmax_stage="final",
                                 logit_scale=logit_scale, renormalize_experts=True, renormalize_fallback=True,
                                 window_fp16=fp16, protocol=protocol, resize=resize,
-                                logits_fp16=precision == "fp16")
+                                logits_fp16=precision == "fp16", canvas_fp16=canvas16)
     if model == "naclip" or (model == "maskclip" and not authors):
         scale = (2048, 560) if driving else (2048, 336)
         whole = model == "naclip" and dataset == "pascalvoc20"   # NACLIP's slide_crop=0 on VOC20
@@ -175,9 +192,9 @@ def settings_for(model: str, dataset: str, protocol: str = "authors", precision:
         scale, crop, stride = _DINOISER_SCALES.get(dataset, (2048, 448)), 448, 224
     renorm = model == "naclip" or not authors
     return ProtocolSettings(scale=scale, crop=crop, stride=stride,
-                            softmax_stage="final" if model == "naclip" else "window", logit_scale=100.0,
-                            renormalize_experts=renorm, renormalize_fallback=renorm, window_fp16=fp16,
-                            protocol=protocol, logits_fp16=precision == "fp16")
+                            softmax_stage=stage, logit_scale=100.0, renormalize_experts=renorm,
+                            renormalize_fallback=renorm, window_fp16=fp16, protocol=protocol,
+                            logits_fp16=precision == "fp16", canvas_fp16=canvas16)
 
 
 class ImageFeatures(NamedTuple):
