@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from floss.cache import CacheError
+from floss.cache_manifest import CacheError
 from floss.classes import match_rankings_classes  # also floss.cli's public name (segment calls it)
 from floss.provenance import floss_version
 

@@ -112,7 +112,7 @@ def stage_extract(params: Mapping, model: str, dataset: str | None = None, split
 
 
 def _extract_synthetic(params: Mapping, model: str, dataset: str, split: str, out: Path) -> None:
-    from floss.cache import CacheError, MANIFEST
+    from floss.cache_manifest import CacheError, MANIFEST
     from floss.classes import TRANSFER_DATASETS
     from floss.synthetic import write_synthetic_cache
 

@@ -76,7 +76,7 @@ def run_segment(args: argparse.Namespace) -> int:
 
     from floss import cli
     from floss._io import atomic_write, atomic_write_json
-    from floss.cache import ImageRecord
+    from floss.cache_manifest import ImageRecord
     from floss.extraction import prepared_images, text_embeddings
     from floss.protocol import Predictor
     from floss.rankings import load_rankings, select_experts
