@@ -35,7 +35,7 @@ def save_template_stats(stats, path: str | os.PathLike, extra: dict | None = Non
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"floss_template_stats": json.dumps(meta)}))
 
 
-def load_template_stats(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> "TemplateStats":
+def load_template_stats(cls, path: str | os.PathLike, device: torch.device | str | None = None):
     """Read a file written by :meth:`TemplateStats.save` (custom metrics must be registered again first)."""
     from safetensors import safe_open
     path = os.fspath(path)
