@@ -220,7 +220,7 @@ def rankings_keys(cache) -> list[str]:
     from floss.classes import MODELS, ranking_name
     if cache.manifest.get("dataset") == "folder":        # the user's own names, as written in the class file
         return list(cache.class_names)
-    from floss.params import base_model
+    from floss.model_matrix import base_model
     model = base_model(str(cache.manifest["model"]))
     return [ranking_name(n, model if model in MODELS else None) for n in cache.class_names]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Mapping
 
 from floss import paths
-from floss.params import base_model
+from floss.model_matrix import base_model
 
 
 def _device(value: str) -> str | None:

@@ -13,7 +13,7 @@ from typing import Mapping
 
 from floss import paths
 from floss._io import atomic_write_json
-from floss.params import base_model
+from floss.model_matrix import base_model
 from floss.pipeline_common import _device, _select, cache_dir, rankings_path
 
 logger = logging.getLogger("floss.pipeline")   # the stages log under the pipeline's name (as before the split)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Mapping
 
 from floss import paths
-from floss.params import base_model
+from floss.model_matrix import base_model
 from floss.pipeline_common import (_caches_of, _device, _rank_state, _select, _text_cache, cache_dir,
                                    load_checkpoint_path, load_pipeline_model, rankings_path, ranks_from_cache,
                                    torchrun_command)
