@@ -192,7 +192,8 @@ def extract_split(model, ds, out: str | os.PathLike, *, ids: Sequence[str], sett
                   inputs: Sequence[Sequence[str]] | None = None, on_bad_image: str = "stop") -> int:
     """Encode ``ids`` of ``ds`` into the feature cache ``out`` (resuming what is there and still current); returns
     how many images were encoded now. ``inputs``: the ``[id, identity]`` pairs of ``ids`` (computed when None)."""
-    from floss.cache import CacheWriter, ImageRecord
+    from floss.cache_manifest import ImageRecord
+    from floss.cache_writer import CacheWriter
 
     inputs = input_identities(ds, ids) if inputs is None else inputs
     done = 0
@@ -231,7 +232,7 @@ class RankCheckpoint:
 
     def load(self, device):
         """The saved statistics if still reusable (else None); sets :attr:`processed` and :attr:`skipped`."""
-        from floss.cache import fingerprint_differences
+        from floss.cache_manifest import fingerprint_differences
         from floss.provenance import describe_input_change, reusable_prefix
         from floss.stats import TemplateStats
 
@@ -278,7 +279,7 @@ def rank_images(model, ds, ids: Sequence[str], settings, text: torch.Tensor, que
     ``st.extra["skipped"]``. Under torchrun each rank passes its own ``ids`` share and ``state`` file; merge the
     returned statistics with :meth:`TemplateStats.merge`.
     """
-    from floss.cache import ImageRecord
+    from floss.cache_manifest import ImageRecord
     from floss.protocol import new_template_stats, rank_record
 
     device = torch.device(model.device)

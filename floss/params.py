@@ -14,27 +14,9 @@ from typing import Any, Mapping
 import yaml
 
 from floss import paths
+from floss.model_matrix import MATRIX_MODELS, MODELS, base_model  # noqa: F401  (re-exported)
 from floss.provenance import weight_file_problem
 
-#: matrix keys -> (registered model, the official open_clip backbone, pretrained tag) the paper profile runs;
-#: ``<model>_vitl14`` is the same method on CLIP ViT-L/14 (Table 5)
-MATRIX_MODELS: dict[str, tuple[str, str, str]] = {
-    "maskclip": ("maskclip", "ViT-B-16", "laion2b_s34b_b88k"),
-    "clipdinoiser": ("clipdinoiser", "ViT-B-16", "laion2b_s34b_b88k"),
-    "naclip": ("naclip", "ViT-B-16-quickgelu", "openai"),
-    "naclip_vitl14": ("naclip", "ViT-L-14-quickgelu", "openai"),
-    "sclip": ("sclip", "ViT-B-16-quickgelu", "openai"),
-    "sclip_vitl14": ("sclip", "ViT-L-14-quickgelu", "openai"),
-    "clearclip": ("clearclip", "ViT-B-16-quickgelu", "openai"),
-    "gem": ("gem", "ViT-B-16-quickgelu", "openai"),
-    "gem_vitl14": ("gem", "ViT-L-14-quickgelu", "openai"),
-}
-MODELS = tuple(MATRIX_MODELS)
-
-
-def base_model(key: str) -> str:
-    """The registered model behind a matrix key (``naclip_vitl14`` is NACLIP on other weights); other names pass."""
-    return MATRIX_MODELS[key][0] if key in MATRIX_MODELS else key
 RANKING_DATASETS = ("cityscapes", "pascalvoc20", "pascalco59", "ade20k", "cocostuff")
 TRANSFER_DATASETS = ("acdc_night", "acdc_fog", "acdc_rain", "acdc_snow", "bdd", "mapillary")
 METRICS = ("entropy", "avgprob", "mano", "iti")

@@ -58,10 +58,10 @@ def _save_index_png(path: Path, label: np.ndarray, colours: np.ndarray) -> None:
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
-    from floss import cli
+    from floss import cli_inputs
     p.add_argument("--model", required=True, help="a registered model (maskclip, clipdinoiser, naclip, ...)")
-    cli._configure_images(p, split_default="val")
-    cli._configure_model(p)
+    cli_inputs._configure_images(p, split_default="val")
+    cli_inputs._configure_model(p)
     p.add_argument("--protocol", choices=("authors", "paper"), default="authors")
     p.add_argument("--rankings", required=True, type=Path, help="rankings JSON (floss rank) that selects the experts")
     p.add_argument("--n-experts", type=int, default=4)
@@ -74,19 +74,20 @@ def _configure(p: argparse.ArgumentParser) -> None:
 def run_segment(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from floss import cli
+    from floss import cli_inputs
     from floss._io import atomic_write, atomic_write_json
-    from floss.cache import ImageRecord
+    from floss.cache_manifest import ImageRecord
+    from floss.classes import match_rankings_classes
     from floss.extraction import prepared_images, text_embeddings
     from floss.protocol import Predictor
     from floss.rankings import load_rankings, select_experts
 
-    source = cli.ImageSource(args, labels=False, model=args.model)
+    source = cli_inputs.ImageSource(args, labels=False, model=args.model)
     rankings = load_rankings(args.rankings)
-    keys = cli.match_rankings_classes(rankings, source.keys, args.rankings)
+    keys = match_rankings_classes(rankings, source.keys, args.rankings)
     experts = select_experts(rankings, n=args.n_experts, metric=args.metric, class_names=keys)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = cli.load_model(args, device)
+    model = cli_inputs.load_model(args, device)
     settings = model.protocol_settings(source.settings_dataset, args.protocol)
     text = text_embeddings(model, source.queries, cache_dir=args.text_cache).to(device)
     predictor = Predictor(text, settings, source.query_to_class, len(source.class_names), experts, (args.fusion,))

@@ -10,16 +10,10 @@ Entropy accumulation: the authors add ``mean_{pred=k}(H) · count`` per image (a
 accumulators); that is the pixel sum of ``H`` up to fp32 rounding. Here per-pixel ``H`` is computed in fp32
 (as theirs) and summed in float64 per block of pixels, i.e. the same quantity with less rounding.
 
-Upsampling ``size=(H, W)``: probabilities are bilinearly resized (align_corners=False, **not** re-softmaxed,
-protocol §3) block by block with :mod:`floss._interp` (bit-identical to ``F.interpolate`` on CPU), so peak
-memory is bounded by a few ``max(CHUNK_ELEMENTS, K·W)``-float buffers per worker thread whatever ``M``, ``K``
-or the image size.
-
-Speed: the built-in metrics run as fused kernels on each block (:mod:`floss._fused`: an exact argmax from
-integer keys, MaNo without per-element divisions and with its softrun branch decided analytically, ITI sums
-from soft counts on the feature grid instead of upsampled features), and template chunks run in
-``torch.get_num_threads()`` worker threads with single-threaded ops (:mod:`floss._threads`; a registered
-custom ``pixel_score`` is therefore called from those threads). ``benchmarks/bench_stats.py`` measures it.
+This module owns the container (:class:`TemplateStats`: validation, state, per-image records, merge, values,
+rankings). Upsampling and speed: the per-image work runs in :mod:`floss.stats_kernels` (bounded blocks, fused
+kernels, worker threads); saving and loading in :mod:`floss.stats_io`. May import: torch, :mod:`floss._checks`,
+:mod:`floss.metrics_registry`, :mod:`floss.stats_kernels` and :mod:`floss.stats_io`; nothing above them.
 """
 from __future__ import annotations
 
@@ -31,22 +25,14 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from floss._checks import check_probabilities, check_tensor, check_finite
-from floss._io import atomic_write
-from floss._fused import SoftCounts, entropy_scores, first_argmax, mano_branch, mano_scores
-from floss._interp import RowUpsampler
-from floss._threads import map_single_threaded
 from floss.metrics_registry import (available_metrics, entropy_score, get_metric, mano_score,  # noqa: F401
                                     register_metric)
+from floss.stats_io import load_template_stats, save_template_stats
+from floss.stats_kernels import CHUNK_ELEMENTS, MIN_ROWS, accumulate, iti_values  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["TemplateStats", "register_metric", "get_metric", "available_metrics", "CHUNK_ELEMENTS"]
-
-#: floats per work block (m_chunk · K · rows · W): ~2 MiB keeps the fused passes cache-resident
-CHUNK_ELEMENTS = 1 << 19
-#: output rows per block at least (amortises the width pass and per-op overhead)
-MIN_ROWS = 16
-_FORMAT = 1
 
 
 def _positive_int(name: str, value) -> int:
@@ -218,72 +204,9 @@ class TemplateStats:
 
     def _accumulate(self, probs: torch.Tensor, size: tuple[int, int], features: torch.Tensor | None,
                     normalized: bool = True):
-        """Per-image ``counts [m, K]`` int64, ``sums [n_metrics, m, K]`` float64, ``fsum [m, K, D]``.
-
-        Blocks of output rows × templates are upsampled into one reused buffer; the built-in metrics run as
-        fused kernels (:mod:`floss._fused`) on that block; registered custom metrics get the block as
-        ``q [rows·templates, K, W]``.
-        """
-        m, k, h, w = probs.shape
-        out_h, out_w = size
-        dev = probs.device
-        work = torch.float64 if probs.dtype == torch.float64 else torch.float32
-        specs = [get_metric(name) for name in self._pixel_metrics]
-        acc = torch.zeros(len(specs) + 1, m, k, dtype=torch.float64, device=dev)  # [counts, sums...]
-        soft = None if features is None else SoftCounts(features.to(dev), m, k, size)
-        # block = (rows, templates): >= MIN_ROWS output rows (so that the width pass, done on the input rows
-        # a block reads, is shared by many output rows), then as many templates as the budget allows
-        row_elems = k * out_w
-        rows_per = min(out_h, max(MIN_ROWS, CHUNK_ELEMENTS // (row_elems * m)))
-        m_chunk = max(1, min(m, CHUNK_ELEMENTS // (row_elems * rows_per)))
-        block = rows_per * m_chunk * row_elems
-        fixed = None
-        if "mano" in self._pixel_metrics:
-            fixed = mano_branch(k, normalized, None if normalized else float(probs.amax()))
-        n_val = len(specs) + 1
-
-        def chunk(t0: int) -> None:   # templates t0 .. t0 + m_chunk: disjoint slices of acc / soft counts
-            t1 = min(m, t0 + m_chunk)
-            mc = t1 - t0
-            q_buf = torch.empty(block, dtype=work, device=dev)
-            tmp = torch.empty(block, dtype=work, device=dev)
-            key_buf = torch.empty(block, dtype=torch.int64 if work == torch.float64 else torch.int32, device=dev)
-            vals = None
-            # fp16 canvases are read in fp32 (the authors compute the entropy in fp32)
-            src = RowUpsampler(probs[t0:t1].to(work).reshape(mc * k, h, w), size, cache_elements=2 * CHUNK_ELEMENTS)
-            for r0 in range(0, out_h, rows_per):
-                rows = slice(r0, min(out_h, r0 + rows_per))
-                nr = rows.stop - rows.start
-                # rows-first [R, m_c·K, W]: (row, template) pairs form the batch dim the metrics see
-                q = src.rows(rows, out=q_buf[:nr * mc * row_elems].view(nr, mc * k, out_w))
-                q = q.view(-1, k, out_w)
-                best = q.amax(dim=1)
-                pred = first_argmax(q, best, key_buf).view(-1, mc, out_w)  # first index on ties, like argmax
-                # one scatter_add of [1 (count), score_1, ...] per pixel along the class dim of a float64
-                # [n + 1, R, m_c, K] table (counts are exact integers in float64), summed over the block's rows
-                if vals is None or vals.shape[1:3] != (nr, mc):
-                    vals = torch.empty(n_val, nr, mc, out_w, dtype=torch.float64, device=dev)
-                    vals[0].fill_(1.0)
-                for j, spec in enumerate(specs):
-                    if spec.name == "avgprob":  # max_j q_j
-                        score = best
-                    elif spec.name == "entropy" and spec.pixel_score is entropy_score:
-                        score = entropy_scores(q, tmp)
-                    elif spec.name == "mano" and spec.pixel_score is mano_score:
-                        score = mano_scores(q, best, fixed, tmp)
-                    else:
-                        score = spec.pixel_score(q)
-                    vals[j + 1].copy_(score.view(nr, mc, out_w))
-                table = torch.zeros(n_val, nr, mc, k, dtype=torch.float64, device=dev)
-                table.scatter_add_(3, pred.unsqueeze(0).expand(n_val, -1, -1, -1), vals)
-                acc[:, t0:t1] += table.sum(1)
-                if soft is not None:
-                    soft.add(pred, t0, rows)
-
-        # template chunks are independent: worker threads with single-threaded ops (floss._threads)
-        map_single_threaded(chunk, range(0, m, m_chunk), None if dev.type == "cpu" else 1)
-        counts = acc[0].round().to(torch.int64)
-        return counts, acc[1:], (None if soft is None else soft.sums())
+        """Per-image ``counts [m, K]`` int64, ``sums [n_metrics, m, K]`` float64, ``fsum [m, K, D]``
+        (:func:`floss.stats_kernels.accumulate`)."""
+        return accumulate(probs, size, features, self._pixel_metrics, normalized)
 
     # ------------------------------------------------------------------------------ per-image records
     def _check_new_record(self, image_id, tids: torch.Tensor, npix: int) -> None:
@@ -395,23 +318,8 @@ class TemplateStats:
         return torch.where(counts > 0, mean, torch.full_like(mean, float("nan")))
 
     def _iti(self) -> torch.Tensor:
-        """Eq. 11. Centroid f̄_k = mean over the images where k is predicted of f̄_k^i; D_intra = E||f̄^i||² −
-        ||f̄_k||²; D_inter = mean over the other classes l with a centroid of ||f̄_k − f̄_l||² (the K−1 classes
-        of protocol §9.9). ITI = D_inter / D_intra (+inf when D_intra = 0, e.g. a single image)."""
-        st = self._get_state()
-        n = st["iti_images"]
-        has = n > 0
-        cen = st["iti_sum"] / n.clamp_min(1).unsqueeze(-1)  # [M, K, D]
-        sq = (cen * cen).sum(-1)
-        intra = (st["iti_sqsum"] / n.clamp_min(1) - sq).clamp_min(0)
-        intra = torch.where(n > 1, intra, torch.zeros_like(intra))
-        dist = (sq.unsqueeze(2) + sq.unsqueeze(1) - 2 * cen @ cen.transpose(1, 2)).clamp_min(0)  # [M, K, K]
-        other = has.unsqueeze(1) & ~torch.eye(self.num_classes, dtype=torch.bool, device=has.device)
-        inter = (dist * other).sum(-1) / other.sum(-1).clamp_min(1)
-        iti = torch.where(intra > 0, inter / intra.clamp_min(torch.finfo(torch.float64).tiny),
-                          torch.full_like(inter, float("inf")))
-        iti = torch.where(other.any(-1), iti, torch.full_like(iti, float("nan")))
-        return torch.where(has, iti, torch.full_like(iti, float("nan")))
+        """Eq. 11 (:func:`floss.stats_kernels.iti_values`)."""
+        return iti_values(self._get_state(), self.num_classes)
 
     # -------------------------------------------------------------------------------------- rankings
     def rankings(self, class_names: Sequence[str], metric: str = "entropy", model: str | None = None,
@@ -451,43 +359,9 @@ class TemplateStats:
     def save(self, path: str | os.PathLike, extra: dict | None = None) -> None:
         """Write to a safetensors file (JSON config and image ids in its metadata), atomically; ``extra`` (a JSON
         dict, e.g. the ids a resumable job has done) is stored with it and read back as ``.extra``."""
-        from safetensors.torch import save_file
-        path = os.fspath(path)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self._get_state().items()}
-        ids = list(self._records)
-        for n, i in enumerate(ids):
-            for k, v in self._records[i].items():
-                tensors[f"img/{n}/{k}"] = torch.tensor(v) if k == "npix" else v.contiguous()
-        meta = {"format": _FORMAT, "num_templates": self.num_templates, "num_classes": self.num_classes,
-                "metrics": list(self.metrics), "feature_dim": self.feature_dim,
-                "track_images": self.track_images, "image_ids": ids}
-        if extra is not None:
-            meta["extra"] = extra
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"floss_template_stats": json.dumps(meta)}))
+        save_template_stats(self, path, extra)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> "TemplateStats":
         """Read a file written by :meth:`save` (custom metrics must be registered again first)."""
-        from safetensors import safe_open
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"path: no such file {path!r}")
-        with safe_open(path, framework="pt") as f:
-            raw = (f.metadata() or {}).get("floss_template_stats")
-            if raw is None:
-                raise ValueError(f"path: {path!r} is not a TemplateStats file (no floss_template_stats metadata)")
-            meta = json.loads(raw)
-            if meta.get("format") != _FORMAT:
-                raise ValueError(f"path: {path!r} has format {meta.get('format')!r}, expected {_FORMAT}")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        out = cls(meta["num_templates"], meta["num_classes"], metrics=tuple(meta["metrics"]),
-                  feature_dim=meta["feature_dim"], track_images=meta["track_images"], device=device or "cpu")
-        for key, val in out._get_state().items():
-            val.copy_(tensors[key])
-        out.extra = meta.get("extra")
-        for n, i in enumerate(meta["image_ids"]):
-            prefix = f"img/{n}/"
-            rec = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            rec["npix"] = int(rec["npix"])
-            out._records[i] = rec
-        return out
+        return load_template_stats(cls, path, device)

@@ -41,7 +41,9 @@ import torch
 import torch.nn.functional as F
 
 from floss._io import atomic_write_text
-from floss.cache import MANIFEST, CacheWriter, FeatureCache, ImageRecord
+from floss.cache import FeatureCache
+from floss.cache_manifest import MANIFEST, ImageRecord
+from floss.cache_writer import CacheWriter
 from floss.provenance import code_identity
 from floss.classes import CLASS_NAMES, TRANSFER_DATASETS, query_names, rankings_dataset
 from floss.models.base import KNOWN_DATASETS, ProtocolSettings, settings_for

@@ -8,6 +8,7 @@ adds a user's own. Each model's ``extract(image, settings)`` applies the evaluat
 """
 from __future__ import annotations
 
+from floss.model_matrix import MATRIX_MODELS, base_model
 from floss.models.base import (DenseModel, ImageFeatures, ProtocolSettings, authors_precision, available_models,
                                create_model, register_model, settings_for)
 from floss.models.clearclip import ClearCLIP
@@ -16,7 +17,6 @@ from floss.models.gem import GEM
 from floss.models.maskclip import MaskCLIP
 from floss.models.naclip import NACLIP
 from floss.models.sclip import SCLIP
-from floss.params import MATRIX_MODELS, base_model
 
 __all__ = ["DenseModel", "ImageFeatures", "ProtocolSettings", "settings_for", "register_model", "create_model",
            "available_models", "authors_precision", "OFFICIAL_WEIGHTS", "official_weights", "MaskCLIP", "CLIPDINOiser",
