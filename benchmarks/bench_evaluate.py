@@ -57,7 +57,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from floss import protocol
+from floss import protocol, rendering
 from floss._argmax import per_template_confusion, per_template_confusion_reference
 from floss.cache import CacheWriter, FeatureCache, ImageRecord
 from floss.models.base import settings_for
@@ -119,11 +119,11 @@ def write_cache(path, record: ImageRecord, text: torch.Tensor, settings, name: s
     return FeatureCache(path)
 
 
-def old_matrix_upsample_rows(m: torch.Tensor, size, rows: slice) -> torch.Tensor:
-    """The renderer's previous matrix path: dense interpolation matrices, the whole window's width pass."""
-    uh = protocol._interp_matrix(m.shape[-2], size[0], str(m.device))[rows]
-    uw = protocol._interp_matrix(m.shape[-1], size[1], str(m.device))
-    return protocol._rows_matmul(uh, torch.matmul(m, uw.T))
+def old_upsample_rows(m: torch.Tensor, size, rows: slice) -> torch.Tensor:
+    """An earlier renderer band path: dense interpolation matrices, the whole window's width pass ([R, N, W])."""
+    uh = rendering._interp_matrix(m.shape[-2], size[0], str(m.device))[rows]
+    uw = rendering._interp_matrix(m.shape[-1], size[1], str(m.device))
+    return rendering._rows_matmul(uh, torch.matmul(m, uw.T)).transpose(0, 1)
 
 
 def old_fuse_many(experts, fallback, strategies):
@@ -187,13 +187,13 @@ def main(argv=None) -> None:
                 t, res = timed(lambda: protocol.evaluate_cache(cache, experts, fusions=fusions, progress=False))
                 print(f"baseline + 4 fusions: {t:.1f} s/image", flush=True)
                 if args.old_fusion:
-                    saved = protocol.matrix_upsample_rows, protocol.fuse_many
-                    protocol.matrix_upsample_rows, protocol.fuse_many = old_matrix_upsample_rows, old_fuse_many
+                    saved = rendering.upsample_rows, protocol.fuse_many
+                    rendering.upsample_rows, protocol.fuse_many = old_upsample_rows, old_fuse_many
                     try:
                         t_old, res_old = timed(lambda: protocol.evaluate_cache(cache, experts, fusions=fusions,
                                                                                progress=False))
                     finally:
-                        protocol.matrix_upsample_rows, protocol.fuse_many = saved
+                        rendering.upsample_rows, protocol.fuse_many = saved
                     same = all(torch.equal(res["confusion"][key], res_old["confusion"][key]) for key in res["confusion"])
                     print(f"  previous code (dense matrix path, one fuse per strategy): {t_old:.1f} s/image "
                           f"({t_old / t:.1f}x); "

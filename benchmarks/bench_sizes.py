@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from floss import _interp, protocol
+from floss import _interp, protocol, rendering
 from floss._argmax import per_template_confusion
 from floss.cache import ImageRecord
 from floss.models import available_models, create_model
@@ -93,11 +93,11 @@ def main(argv=None) -> None:
             for label_size, record, label in cases:
                 new[label_size].append(run(record, text, settings, label, k))
                 if args.old:
-                    saved, protocol._separable = protocol._separable, old_separable
+                    saved, rendering._separable = rendering._separable, old_separable
                     try:
                         old[label_size].append(run(record, text, settings, label, k))
                     finally:
-                        protocol._separable = saved
+                        rendering._separable = saved
                     same &= all(torch.equal(a, b) for a, b in zip(new[label_size][-1][2], old[label_size][-1][2]))
         cells = []
         for label_size, record, _ in cases:

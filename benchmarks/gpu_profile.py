@@ -42,7 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from floss import protocol  # noqa: E402
+from floss import protocol, rendering  # noqa: E402
 from floss.cache import CacheWriter, FeatureCache, ImageRecord  # noqa: E402
 from floss.classes import CLASS_NAMES, query_names  # noqa: E402
 from floss.datasets.folder import open_folder  # noqa: E402
@@ -182,7 +182,7 @@ def profile_pair(name: str, model, scenario: str, n: int, workers: int, tmp: Pat
     restore = [timers.wrap(model, "encode", "encoder"), timers.wrap(protocol, "window_scores", "logits"),
                timers.wrap(protocol._Renderer, "render", "rendering"),
                timers.wrap(TemplateStats, "update", "statistics"), timers.wrap(CacheWriter, "add", "cache writes"),
-               timers.wrap(FeatureCache, "__getitem__", "cache reads")]
+               timers.wrap(FeatureCache, "__getitem__", "cache reads"), timers.wrap(rendering, "window_scores", "logits")]
     try:
         for step in ("extract", "rank", "rank-images", "evaluate"):
             timers.total.clear()
@@ -203,6 +203,7 @@ def profile_pair(name: str, model, scenario: str, n: int, workers: int, tmp: Pat
         model.encode = restore[0]
         protocol.window_scores, protocol._Renderer.render = restore[1], restore[2]
         TemplateStats.update, CacheWriter.add, FeatureCache.__getitem__ = restore[3], restore[4], restore[5]
+        rendering.window_scores = restore[6]
     return out
 
 

@@ -210,7 +210,7 @@ class _Image:
     """Per-image state: geometry, label histogram per cell, the renderer's arithmetic choices."""
 
     def __init__(self, record, label: torch.Tensor, num_classes: int, device):
-        from floss.protocol import _Renderer
+        from floss.rendering import _Renderer
 
         boxes = tuple(tuple(int(v) for v in b) for b in record.boxes.tolist())
         gh, gw = (int(s) for s in record.feats.shape[-2:])
@@ -235,12 +235,11 @@ class _Image:
         self.device = device
 
     def arithmetic(self, channels: int) -> None:
-        """Which kernels the renderer uses for ``channels`` rendered channels (protocol._Renderer.render):
-        window upsampling by F.interpolate unless the window exceeds the band budget (then matrices), final
-        resize by F.interpolate when one band covers the image (else matrices)."""
-        from floss import protocol
-        self.window_matrix = [channels * (b[1] - b[0]) * (b[3] - b[2]) > protocol.MAX_BAND_ELEMENTS
-                              for b in self.geo.boxes]
+        """Which kernels the renderer uses for ``channels`` rendered channels (rendering._Renderer.render):
+        window upsampling always with F.interpolate's arithmetic (a window over the band budget: only the band's
+        rows, :func:`floss._interp.upsample_rows`, the same bits), final resize by F.interpolate when one band
+        covers the image (else matrices)."""
+        self.window_matrix = [False] * len(self.geo.boxes)
         first = next(iter(self.renderer.bands(channels)))
         self.final_matrix = self.renderer.resize and first != (0, self.renderer.out_size[0])
 
@@ -504,7 +503,7 @@ def per_template_confusion(record, text: torch.Tensor, settings, query_to_class:
     """``[M, K, K]`` int64 confusion matrices (rows = ground truth) of the M single-template classifiers
     ``text [M, Q, D]`` on one cached image; equal to :func:`per_template_confusion_reference` (see the module
     docstring for the exactness argument). Non-grid window layouts use the reference."""
-    from floss.protocol import window_scores
+    from floss.rendering import window_scores
 
     m, q, _ = text.shape
     k = num_classes
@@ -552,9 +551,9 @@ def per_template_confusion(record, text: torch.Tensor, settings, query_to_class:
 def per_template_confusion_reference(record, text: torch.Tensor, settings, query_to_class: Sequence[int],
                                      num_classes: int, label: torch.Tensor, device, chunk: int = 8) -> torch.Tensor:
     """The rendering loop: ``chunk`` templates at a time, every band of the original-size map rendered by
-    :class:`floss.protocol._Renderer`, merged, argmaxed and compared with the label."""
+    :class:`floss.rendering._Renderer`, merged, argmaxed and compared with the label."""
     from floss.evaluation import confusion_matrix
-    from floss.protocol import IGNORE_INDEX, _Renderer, merge_queries, window_scores
+    from floss.rendering import IGNORE_INDEX, _Renderer, merge_queries, window_scores
 
     m, q, _ = text.shape
     k = num_classes

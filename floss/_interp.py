@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["Taps", "bilinear_taps", "bilinear_matrix", "source_rows", "upsample_rows", "upsample_bilinear",
-           "RowUpsampler", "matrix_upsample_rows", "interp_matrix", "separable", "rows_matmul",
+           "RowUpsampler", "interp_matrix", "separable", "rows_matmul",
            "two_tap_matmul"]
 
 
@@ -148,36 +148,6 @@ class RowUpsampler:
             block_out.addcmul_(rows_first[a:a + 1], w0[g0:g0 + size_g])
             g0 += size_g
         return out
-
-
-def matrix_upsample_rows(x: torch.Tensor, size: Sequence[int], rows: slice) -> torch.Tensor:
-    """Rows ``rows`` of ``A @ x @ Bᵀ`` for ``x [N, h, w]``, with ``A``/``B`` the dense bilinear matrices built by
-    ``F.interpolate`` of the identity, bit for bit as the two float32 matmuls on CPU, at a fraction of the cost:
-    ``[N, R, W]``.
-
-    A dense matmul whose rows hold two non-zero taps is, per output, MKL's fused multiply-add chain over the
-    non-zero terms in index order, ``fma(x1, w1, x0·w0)`` (zeros add exact zeros; a clamped border is one
-    entry ``w0 + w1``) as long as the dot product (K = h, resp. w) is not split into blocks, which MKL does
-    only beyond a few hundred (``tests/test_protocol.py`` checks the equality at window sizes). So: the width
-    pass as a matmul over the few input rows ``rows`` reads (same chain per element), then the height pass as
-    two-tap multiply-adds in the chain's order.
-    """
-    out_h, out_w = size
-    n, in_h, in_w = x.shape
-    start, stop, _ = rows.indices(out_h)
-    lo, hi = source_rows(out_h, in_h, rows)
-    i0, i1, w0, w1 = bilinear_taps(out_h, in_h, torch.float32, x.device)
-    eye = torch.eye(in_w, dtype=x.dtype, device=x.device)[None]
-    cols = F.interpolate(eye, size=out_w, mode="linear", align_corners=False)[0]         # [in_w, out_w] = Bᵀ
-    width = torch.matmul(x[:, lo:hi], cols)                                             # [N, hi − lo, W]
-    i0, i1 = i0[start:stop], i1[start:stop]
-    same = (i0 == i1).view(-1, 1)
-    w0 = w0[start:stop].to(x.dtype).view(-1, 1)
-    w1 = w1[start:stop].to(x.dtype).view(-1, 1)
-    w0 = torch.where(same, w0 + w1, w0)
-    w1 = torch.where(same, torch.zeros_like(w1), w1)
-    out = width[:, i0 - lo] * w0
-    return out.addcmul_(width[:, i1 - lo], w1)
 
 
 def upsample_rows(x: torch.Tensor, size: Sequence[int], rows: slice, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from floss import protocol
+from floss import protocol, rendering
 from floss.cache import CacheWriter, FeatureCache, ImageRecord
 from floss.evaluation import confusion_matrix
 from floss.fusion import fuse
@@ -63,7 +63,7 @@ def test_classify_equals_window_merge_reference(stage, orig, monkeypatch):
     out = protocol.classify(rec, W, s)
     assert out.shape == (3, 5, *orig)
     assert (out - ref).abs().max() < 1e-5 and torch.equal(out.argmax(1), ref.argmax(1))
-    monkeypatch.setattr(protocol, "MAX_BAND_ELEMENTS", 5000)  # several row bands: same result
+    monkeypatch.setattr(rendering, "MAX_BAND_ELEMENTS", 5000)  # several row bands: same result
     assert (protocol.classify(rec, W, s) - out).abs().max() < 1e-5
     logits = protocol.classify(rec, W, s, logits=True, out="resized")
     cos = torch.einsum("ndhw,cqd->ncqhw", rec.feats, W).reshape(len(rec.boxes), 15, GRID, GRID)
@@ -135,7 +135,7 @@ def test_evaluate_cache_equals_naive_per_window_loop(tmp_path, monkeypatch, stag
     cache = build_cache(tmp_path / "c", stage, synonyms, protocol_name, n=2, renorm=protocol_name == "paper",
                         fp16=fp16)
     experts = [[0, 1], [2, 3], [1, 4], [5, 0]]
-    monkeypatch.setattr(protocol, "MAX_BAND_ELEMENTS", 20000)   # forces row bands inside windows
+    monkeypatch.setattr(rendering, "MAX_BAND_ELEMENTS", 20000)   # forces row bands inside windows
     per_template = len(fusions) == 4
     res = protocol.evaluate_cache(cache, experts, fusions=fusions, per_template=per_template, progress=False)
     K, s = cache.num_classes, cache.settings

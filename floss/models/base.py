@@ -16,7 +16,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from floss.models import preprocess
+import floss.models.preprocess as preprocess
 
 logger = logging.getLogger(__name__)
 
