@@ -21,12 +21,14 @@ with the label. Rendering ``M·Q·H·W`` values (3.2e9 at Cityscapes size) is sl
    largest |value| in fp32, <= 2.5e-4 with the fp16 cast, <= 2.2e-3 with the fp16 canvas (neither applied by
    the composed map). Pixels whose composed top two classes are within ``δ`` (1e-5, 1e-3, resp. 1e-2 of that
    scale) are recomputed with the renderer's own arithmetic for the classes within ``δ``:
-   window upsampling by fused multiply-adds in the order of the kernel the renderer uses (``F.interpolate``:
-   ``fma(x0, w0, x1·w1)``; the matrix products it uses for large channel counts: MKL's FMA chain
-   ``fma(x1, w1, x0·w0)``; both checked bit for bit), the fp16 cast, the canvas sum in window order (each sum
-   rounded to fp16 on an fp16 canvas), the division by the window count, then the final resize in the
-   renderer's order and kernel. Classes outside ``δ`` cannot win or tie. The renderer's band path
-   (``floss._interp.separable``: two exact products summed once per pass, in float64) is replicated.
+   window upsampling by fused multiply-adds in the order of ``F.interpolate``'s kernel, ``fma(x0, w0, x1·w1)``
+   (checked bit for bit), which the renderer always uses: a window over the band budget is upsampled over the
+   band's rows only, by ``floss._interp.upsample_rows`` (the same bits as ``F.interpolate``; no matrix
+   products), then the fp16 cast, the canvas sum in window order (each sum rounded to fp16 on an fp16 canvas),
+   the division by the window count, then the final resize in the renderer's order and kernel. Classes outside
+   ``δ`` cannot win or tie. The final resize is ``F.interpolate`` when one band covers the image, else the
+   renderer's band path (``floss._interp.separable``), replicated: on CPU two exact products summed once per
+   pass, in float64; on other devices matrix products, emulated as the FMA chain ``fma(x1, w1, x0·w0)``.
    Remaining difference: the fused multiply-adds are emulated in float64 (exact products, then a rounding to
    float64 and one to float32), which differs from a true FMA only when that double rounding meets a float32
    midpoint (probability ~2⁻²⁹ per value); an argmax can then differ only where the renderer's two top classes
@@ -73,9 +75,9 @@ def _merge(scores: torch.Tensor, groups: list[list[int]] | None) -> torch.Tensor
 
 # --------------------------------------------------------------------------------------------- driver
 def _chunk_confusion(maps: torch.Tensor, img: _Image, groups, q2c: torch.Tensor, num_classes: int,
-                     fp16: int, window_matrix: list[bool], final_matrix: bool) -> torch.Tensor:
+                     fp16: int, final_matrix: bool) -> torch.Tensor:
     """``[T, K, K]`` confusion matrices of the T templates whose window maps are ``maps [Nw, T, Q, gh, gw]``;
-    ``window_matrix``/``final_matrix``: the renderer's kernels for this chunk (:meth:`_Image.arithmetic`)."""
+    ``final_matrix``: the renderer's final-resize kernel for this chunk (:meth:`_Image.arithmetic`)."""
     geo, dev = img.geo, maps.device
     nw, t, q, gh, gw = maps.shape
     k = num_classes
@@ -146,7 +148,7 @@ def _chunk_confusion(maps: torch.Tensor, img: _Image, groups, q2c: torch.Tensor,
         width = max(c.shape[1] for *_, c in near)
         tt, ys, xs = (torch.cat([x[i] for x in near]) for i in range(3))
         cls = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=-1) for *_, c in near])
-        fixed = _repair(flat, img, q, k, groups, tt, ys, xs, cls, fp16, window_matrix, final_matrix)
+        fixed = _repair(flat, img, q, k, groups, tt, ys, xs, cls, fp16, final_matrix)
         conf += torch.bincount((tt * k + img.gt[ys, xs]) * k + fixed, minlength=dump)
     return conf.view(t, k, k)
 
@@ -184,15 +186,14 @@ def per_template_confusion(record, text: torch.Tensor, settings, query_to_class:
             if not img.replicable():
                 return per_template_confusion_reference(record, text, settings, query_to_class, num_classes,
                                                         label, device, chunk)
-            arith[channels] = (img.window_matrix, img.final_matrix)
+            arith[channels] = img.final_matrix
 
     img.geo.rows.composed, img.geo.cols.composed        # built once here, read by the workers
     level = 2 if settings.canvas_fp16 else int(settings.window_fp16)    # fp16: none, window cast, canvas
 
     def run(item):
         start, maps = item
-        wm, fm = arith[maps.shape[1] * q]
-        return start, _chunk_confusion(maps, img, groups, q2c_t, k, level, wm, fm)
+        return start, _chunk_confusion(maps, img, groups, q2c_t, k, level, arith[maps.shape[1] * q])
 
     out = torch.zeros(m, k, k, dtype=torch.long, device=device)
     workers = None if torch.device(device).type == "cpu" else 1

@@ -131,9 +131,10 @@ def _lerp(a: torch.Tensor, w0: torch.Tensor, b: torch.Tensor, w1: torch.Tensor, 
           out: torch.Tensor | None = None) -> torch.Tensor:
     """Two-tap interpolation ``a·w0 + b·w1`` in the rounding order of the renderer's kernel.
 
-    ``matrix=False``: ``F.interpolate`` (``fma(a, w0, b·w1)``); ``matrix=True``: a matmul with the
-    interpolation matrix (MKL's FMA chain over the non-zero entries: ``fma(b, w1, a·w0)``; pass the matrix
-    weights, where the two taps of a clamped border are one entry ``w0 + w1`` and ``w1 = 0``).
+    ``matrix=False``: ``F.interpolate`` (``fma(a, w0, b·w1)``; every window upsampling); ``matrix=True``: a matmul
+    with the interpolation matrix (an FMA chain over the non-zero entries: ``fma(b, w1, a·w0)``; pass the matrix
+    weights, where the two taps of a clamped border are one entry ``w0 + w1`` and ``w1 = 0``; only the renderer's
+    banded final resize off the CPU, :func:`floss._interp.separable`).
     """
     if matrix:
         a, w0, b, w1 = b, w1, a, w0
@@ -192,7 +193,6 @@ class _Image:
         window upsampling always with F.interpolate's arithmetic (a window over the band budget: only the band's
         rows, :func:`floss._interp.upsample_rows`, the same bits), final resize by F.interpolate when one band
         covers the image (else matrices)."""
-        self.window_matrix = [False] * len(self.geo.boxes)
         first = next(iter(self.renderer.bands(channels)))
         self.final_matrix = self.renderer.resize and first != (0, self.renderer.out_size[0])
 
@@ -200,8 +200,8 @@ class _Image:
         """Whether the ``F.interpolate`` steps the renderer takes (per :meth:`arithmetic`) are the two-tap
         formulas replicated in :func:`_renderer_values` at this geometry."""
         gh, gw = self.geo.grid
-        for (y1, y2, x1, x2), m in zip(self.geo.boxes, self.window_matrix):
-            if not m and not _f_interpolate_is_two_tap((gh, gw), (y2 - y1, x2 - x1)):
+        for y1, y2, x1, x2 in self.geo.boxes:
+            if not _f_interpolate_is_two_tap((gh, gw), (y2 - y1, x2 - x1)):
                 return False
         r = self.renderer
         return self.final_matrix or not r.resize or _f_interpolate_is_two_tap((r.h, r.w), r.out_size)

@@ -19,7 +19,7 @@ from floss._argmax_geometry import _Image, _lerp
 
 
 def _renderer_values(flat: torch.Tensor, img: _Image, ch: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor,
-                     fp16: int, window_matrix: list[bool], final_matrix: bool) -> torch.Tensor:
+                     fp16: int, final_matrix: bool) -> torch.Tensor:
     """Scores of channels ``ch`` at output pixels ``(ys, xs)`` (1-D, same length) with the renderer's arithmetic
     (module docstring, step 3); ``flat [Nw, C, gh, gw]`` window maps."""
     geo = img.geo
@@ -39,17 +39,16 @@ def _renderer_values(flat: torch.Tensor, img: _Image, ch: torch.Tensor, ys: torc
                 if cover.numel() == 0:
                     continue
                 a, b = geo.window_ab[w]
-                m = window_matrix[w]
                 u, v = rr[cover] - y1, ss[cover] - x1
                 wr, wc = rows.win[a], cols.win[b]
                 i0, i1 = wr.i0.to(dev)[u], wr.i1.to(dev)[u]
                 j0, j1 = wc.i0.to(dev)[v], wc.i1.to(dev)[v]
-                rw0, rw1 = (x[u] for x in wr.weights(m, device=dev))
-                cw0, cw1 = (x[v] for x in wc.weights(m, device=dev))
+                rw0, rw1 = (x[u] for x in wr.weights(False, device=dev))      # F.interpolate's weights
+                cw0, cw1 = (x[v] for x in wc.weights(False, device=dev))
                 grid, c = flat[w], ch[cover]
-                top = _lerp(grid[c, i0, j0], cw0, grid[c, i0, j1], cw1, m)      # width pass, row i0
-                bot = _lerp(grid[c, i1, j0], cw0, grid[c, i1, j1], cw1, m)      # width pass, row i1
-                up = _lerp(top, rw0, bot, rw1, m)                                # height pass
+                top = _lerp(grid[c, i0, j0], cw0, grid[c, i0, j1], cw1, False)  # width pass, row i0
+                bot = _lerp(grid[c, i1, j0], cw0, grid[c, i1, j1], cw1, False)  # width pass, row i1
+                up = _lerp(top, rw0, bot, rw1, False)                            # height pass
                 if fp16:
                     up = up.half().float()
                 acc[cover] = acc[cover] + up if fp16 < 2 else (acc[cover] + up).half().float()  # fp16 canvas
@@ -71,8 +70,7 @@ def _renderer_values(flat: torch.Tensor, img: _Image, ch: torch.Tensor, ys: torc
 
 
 def _repair(flat: torch.Tensor, img: _Image, q: int, k: int, groups, t_idx: torch.Tensor, ys: torch.Tensor,
-            xs: torch.Tensor, cls: torch.Tensor, fp16: int, window_matrix: list[bool],
-            final_matrix: bool) -> torch.Tensor:
+            xs: torch.Tensor, cls: torch.Tensor, fp16: int, final_matrix: bool) -> torch.Tensor:
     """First-argmax class (renderer arithmetic) of pixels ``(t_idx, ys, xs)`` [n], among candidate classes
     ``cls [n, L]`` (-1 = none; the classes within ``δ`` of the composed top score)."""
     dev = flat.device
@@ -87,8 +85,7 @@ def _repair(flat: torch.Tensor, img: _Image, q: int, k: int, groups, t_idx: torc
         pair_pix = pix.repeat_interleave(counts)
         pair_c = pair_cls.repeat_interleave(counts)
         pair_q = torch.cat([qs[c] for c in pair_cls.tolist()]) if len(pair_cls) else pair_cls
-    vals = _renderer_values(flat, img, t_idx[pair_pix] * q + pair_q, ys[pair_pix], xs[pair_pix], fp16,
-                            window_matrix, final_matrix)
+    vals = _renderer_values(flat, img, t_idx[pair_pix] * q + pair_q, ys[pair_pix], xs[pair_pix], fp16, final_matrix)
     # class score = max over its queries; pixel class = first class with the largest score
     key = pair_pix * k + pair_c
     score = torch.full((n * k,), -math.inf, device=dev).scatter_reduce_(0, key, vals, "amax")
