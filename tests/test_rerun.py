@@ -167,7 +167,7 @@ def test_extract_and_evaluate_rerun_after_inputs_and_parameters_change(tmp_path,
 #: a change of code that changes the numbers, nothing else: cosines scaled (rankings) and the input normalisation
 #: shifted (features)
 NUMBERS_CHANGE = [
-    ("floss/protocol.py", 'return torch.einsum("ndhw,cqd->ncqhw", feats.double()',
+    ("floss/rendering.py", 'return torch.einsum("ndhw,cqd->ncqhw", feats.double()',
      'return 1.5 * torch.einsum("ndhw,cqd->ncqhw", feats.double()'),
     ("floss/models/preprocess.py", "    return (x - mean) / std\n", "    return (x - 0.5 * mean) / std\n"),
 ]
