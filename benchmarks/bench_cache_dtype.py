@@ -23,9 +23,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from floss import cli  # noqa: E402
-from floss.cache import FeatureCache  # noqa: E402
+from floss.data.cache import FeatureCache  # noqa: E402
 from floss.protocol import evaluate_cache, rank_cache  # noqa: E402
-from floss.rankings import select_experts  # noqa: E402
+from floss.core.rankings import select_experts  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -36,7 +36,7 @@ the same cores; load average in brackets). ``CUDA_VISIBLE_DEVICES= python benchm
 
 ``--features noise`` (pure random features, few uniform cells; load 1.7): 7.58 / 8.52 / 11.47 s (previous
 70.2 / 100.3 / 116.5 s); identical confusions except one pixel of 16.8M on cityscapes-naclip, where the
-renderer's two top classes tie to the last bit (floss._argmax, "Remaining difference"). At load 2.3-2.5 (both
+renderer's two top classes tie to the last bit (floss.protocol.kernels.argmax, "Remaining difference"). At load 2.3-2.5 (both
 cores taken by other jobs; ``OMP_WAIT_POLICY=PASSIVE`` so that the previous loop's 2-thread ops do not
 stall): 15.2 / 18.1 / 21.9 s vs 115 / 141 / 199 s.
 
@@ -57,9 +57,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from floss import protocol, rendering
-from floss._argmax import per_template_confusion, per_template_confusion_reference
-from floss.cache import CacheWriter, FeatureCache, ImageRecord
+from floss import protocol
+
+from floss.protocol import rendering
+from floss.protocol.kernels.argmax import per_template_confusion, per_template_confusion_reference
+from floss.data.cache import CacheWriter, FeatureCache, ImageRecord
 from floss.models.base import settings_for
 from floss.models.preprocess import window_boxes
 
@@ -128,7 +130,7 @@ def old_upsample_rows(m: torch.Tensor, size, rows: slice) -> torch.Tensor:
 
 def old_fuse_many(experts, fallback, strategies):
     """The previous fusion call: one ``fuse`` (checks and self-prediction test included) per strategy."""
-    from floss.fusion import fuse
+    from floss.core.fusion import fuse
     return [fuse(experts, fallback, s) for s in strategies]
 
 

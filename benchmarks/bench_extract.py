@@ -9,7 +9,7 @@ every model with model M's settings, i.e. the same windows, to compare the cost 
 images/s (after one warm-up image), the fastest single image ("best", the least disturbed by other processes
 on a shared machine) and its ratio to MaskCLIP's on the same backbone (when MaskCLIP is among ``--models``),
 the peak resident memory (``ru_maxrss``) minus the memory before the first image, and the bytes the cache
-stores per image (fp16 features + uint8 label, the format of :mod:`floss.cache`).
+stores per image (fp16 features + uint8 label, the format of :mod:`floss.data.cache`).
 
     python benchmarks/bench_extract.py [--dataset pascalvoc20] [--size 375 500] [--images 2] [--device cpu]
         [--threads 2] [--backbones tiny ViT-B-16] [--models maskclip sclip clearclip gem] [--settings-of maskclip]

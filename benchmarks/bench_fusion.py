@@ -17,7 +17,7 @@ text embeddings ``[80, K, 512]``, random top-4 experts):
 * ``baseline``: averaged classifier ``[K, D]`` -> einsum -> softmax(100·) on the patch grid -> bilinear
   upsample to 448×448 -> argmax (the authors' MaskCLIP/CLIP-DINOiser order).
 * ``floss_rows``: K expert classifiers ``[K, K, D]`` + fallback -> einsum -> softmax per expert on the patch
-  grid -> :func:`floss.fusion.fuse_rows` with :func:`floss.fusion.upsampling_expert_fn` (bands of rows, the
+  grid -> :func:`floss.core.fusion.fuse_rows` with :func:`floss.core.fusion.upsampling_expert_fn` (bands of rows, the
   ``[K, K, 448, 448]`` expert maps never exist at once) -> argmax.
 * ``floss_dense`` (only when the dense expert maps fit, K <= 40): upsample all maps, then :func:`fuse`.
 
@@ -56,8 +56,8 @@ def run_case(case: str, num_classes: int, size: int, repeats: int, device: str) 
     import torch
     import torch.nn.functional as F
 
-    from floss.fusion import fuse, fuse_rows, upsampling_expert_fn
-    from floss.text import averaged_classifier, expert_classifiers
+    from floss.core.fusion import fuse, fuse_rows, upsampling_expert_fn
+    from floss.core.text import averaged_classifier, expert_classifiers
 
     gen = torch.Generator().manual_seed(0)
     feats = F.normalize(torch.randn(FEATURE_DIM, GRID, GRID, generator=gen), dim=0).to(device)

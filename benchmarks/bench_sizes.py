@@ -8,7 +8,7 @@ size — short side of its resize × twice that, i.e. no final resize —, 512×
 
 * ``rank``: :func:`floss.protocol.rank_record` (what ``floss rank`` / ``rank_images`` runs per image) for
   ``--templates`` single-template classifiers of ``--classes`` classes (ADE20K: 150), entropy;
-* ``eval``: :func:`floss._argmax.per_template_confusion` (``evaluate_cache(per_template=True)``) of the same
+* ``eval``: :func:`floss.protocol.kernels.argmax.per_template_confusion` (``evaluate_cache(per_template=True)``) of the same
   classifiers against a random label.
 
 Prints a markdown table of seconds per image (median of ``--repeats``, the sizes alternating). ``--old`` also
@@ -29,9 +29,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from floss import _interp, protocol, rendering
-from floss._argmax import per_template_confusion
-from floss.cache import ImageRecord
+from floss import protocol
+
+from floss.core.kernels import interp as _interp
+
+from floss.protocol import rendering
+from floss.protocol.kernels.argmax import per_template_confusion
+from floss.data.cache import ImageRecord
 from floss.models import available_models, create_model
 
 ASSETS = Path(__file__).resolve().parent.parent / "tests" / "assets"

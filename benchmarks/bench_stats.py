@@ -28,7 +28,7 @@ Other runs: ``--quick --repeats 3 --iti`` at load 0.8: 3603 / 860 (4.19x) / 526 
 At load 2.6 (both cores busy with other jobs): with ``OMP_WAIT_POLICY=PASSIVE`` 5746 / 1361 (4.22x) / 853
 (6.74x) / 1545 ms (3.72x); with ``--threads 1`` 7074 / 1801 (3.93x) / 1270 ms (5.57x). At load 2.3 without
 ``OMP_WAIT_POLICY`` the reference's 2-thread ops stall on libgomp's spin-waiting team (70 s per image)
-while ours (single-threaded workers, ``floss._threads``) took 1.37 s: that 51x says more about the machine
+while ours (single-threaded workers, ``floss.util.threads``) took 1.37 s: that 51x says more about the machine
 than about the code. Before this change (issue #9, the previous version of this script): default metrics
 1.09x, entropy only 3.2x.
 """
@@ -46,7 +46,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from floss.stats import TemplateStats
+from floss.core.stats import TemplateStats
 
 
 def reference_stats(probs: torch.Tensor, size: tuple[int, int]):
@@ -78,7 +78,7 @@ def ours_stats(probs: torch.Tensor, size: tuple[int, int], metrics=("entropy",),
 
 def straightforward_stats(probs: torch.Tensor, size: tuple[int, int], metrics):
     """Per template: F.interpolate, the registry's metric functions, per-class float64 sums (the check)."""
-    from floss.metrics_registry import get_metric
+    from floss.core.metrics import get_metric
     m, k = probs.shape[:2]
     counts = torch.zeros(m, k, dtype=torch.int64)
     sums = torch.zeros(len(metrics), m, k, dtype=torch.float64)

@@ -42,16 +42,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from floss import protocol, rendering  # noqa: E402
-from floss.cache import CacheWriter, FeatureCache, ImageRecord  # noqa: E402
-from floss.classes import CLASS_NAMES, query_names  # noqa: E402
-from floss.datasets.folder import open_folder  # noqa: E402
-from floss.datasets.registry import DATASETS  # noqa: E402
-from floss.extraction import prepared_images, rank_images  # noqa: E402
+from floss import protocol  # noqa: E402
+
+from floss.protocol import rendering
+from floss.data.cache import CacheWriter, FeatureCache, ImageRecord  # noqa: E402
+from floss.core.classes import CLASS_NAMES, query_names  # noqa: E402
+from floss.data.datasets.folder import open_folder  # noqa: E402
+from floss.data.datasets.registry import DATASETS  # noqa: E402
+from floss.protocol.extraction import prepared_images, rank_images  # noqa: E402
 from floss.models import base as model_base  # noqa: E402
 from floss.models import create_model  # noqa: E402
-from floss.stats import TemplateStats  # noqa: E402
-from floss.text import template_embeddings  # noqa: E402
+from floss.core.stats import TemplateStats  # noqa: E402
+from floss.core.text import template_embeddings  # noqa: E402
 
 #: (scenario, image size, the dataset whose classes and protocol settings it uses)
 SCENARIOS = {"cityscapes": ((1024, 2048), "cityscapes"), "ade20k": ((512, 683), "ade20k"),

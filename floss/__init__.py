@@ -10,8 +10,8 @@ single-template predictions on unlabeled images, keep the top-N class experts, f
     experts = floss.select_experts(st.rankings(class_names), n=4)
     fused = floss.fuse(expert_probs, fallback_probs)    # [K, K, H, W], [K, H, W] -> [K, H, W]
 
-Models, datasets, the feature cache and the pipeline live in submodules (``floss.models``, ``floss.datasets``,
-``floss.cache``, ``floss.protocol``). The names below are imported on first use, so ``import floss.paths`` (the
+Models, datasets, the feature cache and the pipeline live in submodules (``floss.models``, ``floss.data.datasets``,
+``floss.data.cache``, ``floss.protocol``). The names below are imported on first use, so ``import floss.util.paths`` (the
 pipeline's light stages, ``check-params``) does not pay for torch.
 """
 from __future__ import annotations
@@ -22,13 +22,13 @@ __version__ = "0.1.0"
 
 #: public name -> the module that defines it
 _EXPORTS = {
-    "IMAGENET_TEMPLATES": "floss.templates", "CLASS_NAMES": "floss.classes", "TemplateStats": "floss.stats",
-    "select_experts": "floss.rankings", "fuse": "floss.fusion", "confusion_matrix": "floss.evaluation",
-    "miou": "floss.evaluation", "ConfusionMeter": "floss.evaluation", "load_rankings": "floss.rankings",
-    "save_rankings": "floss.rankings", "oracle_experts": "floss.rankings", "true_experts": "floss.rankings",
-    "mixed_experts": "floss.rankings", "expert_quality": "floss.rankings", "template_embeddings": "floss.text",
-    "averaged_classifier": "floss.text", "expert_classifiers": "floss.text", "register_metric": "floss.metrics_registry",
-    "available_metrics": "floss.metrics_registry",
+    "IMAGENET_TEMPLATES": "floss.core.templates", "CLASS_NAMES": "floss.core.classes", "TemplateStats": "floss.core.stats",
+    "select_experts": "floss.core.rankings", "fuse": "floss.core.fusion", "confusion_matrix": "floss.core.evaluation",
+    "miou": "floss.core.evaluation", "ConfusionMeter": "floss.core.evaluation", "load_rankings": "floss.core.rankings",
+    "save_rankings": "floss.core.rankings", "oracle_experts": "floss.core.rankings", "true_experts": "floss.core.rankings",
+    "mixed_experts": "floss.core.rankings", "expert_quality": "floss.core.rankings", "template_embeddings": "floss.core.text",
+    "averaged_classifier": "floss.core.text", "expert_classifiers": "floss.core.text", "register_metric": "floss.core.metrics",
+    "available_metrics": "floss.core.metrics",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

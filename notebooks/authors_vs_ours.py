@@ -18,7 +18,7 @@
 # On real data, equal sets mean the ranking is reproduced; on synthetic data the comparison is only a demo.
 
 # %% tags=["parameters"]
-root = ""  # repository root; empty means floss.paths.ROOT
+root = ""  # repository root; empty means floss.util.paths.ROOT
 models = ["maskclip", "naclip", "clipdinoiser"]
 datasets = ["cityscapes", "pascalvoc20", "pascalco59", "ade20k", "cocostuff"]
 n = 4
@@ -29,12 +29,12 @@ from pathlib import Path
 
 import pandas as pd
 
-import floss.paths
-from floss.authors import authors_status, unavailable_note
-from floss.rankings import select_experts
+import floss.util.paths
+from floss.data.authors import authors_status, unavailable_note
+from floss.core.rankings import select_experts
 from floss.report import analysis, paper, tables
 
-ROOT = Path(root) if root else floss.paths.ROOT
+ROOT = Path(root) if root else floss.util.paths.ROOT
 
 # %%
 status = authors_status(ROOT)

@@ -20,7 +20,7 @@
 # Nothing here has a paper value to compare with.
 
 # %% tags=["parameters"]
-root = ""  # repository root; empty means floss.paths.ROOT
+root = ""  # repository root; empty means floss.util.paths.ROOT
 models = ["maskclip", "naclip", "clipdinoiser", "sclip", "clearclip", "gem"]
 datasets = ["cityscapes", "pascalvoc20", "pascalco59", "ade20k", "cocostuff"]
 matrix = None  # params.yaml `models`; None: params.yaml's default matrix. Pairs not run are shown as "not run".
@@ -34,10 +34,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-import floss.paths
+import floss.util.paths
 from floss.report import analysis, paper, plots, tables
 
-ROOT = Path(root) if root else floss.paths.ROOT
+ROOT = Path(root) if root else floss.util.paths.ROOT
 plots.use_style()
 BEYOND = "beyond the paper"
 

@@ -17,7 +17,7 @@
 # mean over classes (Table 2's value).
 
 # %% tags=["parameters"]
-root = ""  # repository root; empty means floss.paths.ROOT
+root = ""  # repository root; empty means floss.util.paths.ROOT
 figures = {"10": "clipdinoiser", "11": "naclip"}  # figure number -> model
 datasets = ["ade20k", "cityscapes", "pascalco59", "pascalvoc20"]
 matrix = None  # params.yaml `models`; None: the paper's matrix. A panel whose run is missing says so.
@@ -28,10 +28,10 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-import floss.paths
+import floss.util.paths
 from floss.report import analysis, paper, plots
 
-ROOT = Path(root) if root else floss.paths.ROOT
+ROOT = Path(root) if root else floss.util.paths.ROOT
 plots.use_style()
 
 # %%

@@ -19,7 +19,7 @@
 # (their rankings + per-template IoU); its W_CLIP line is drawn only when a baseline evaluation exists.
 
 # %% tags=["parameters"]
-root = ""  # repository root; empty means floss.paths.ROOT
+root = ""  # repository root; empty means floss.util.paths.ROOT
 figures = {"12": ["clipdinoiser", "cityscapes"], "13": ["clipdinoiser", "pascalco59"],
            "14": ["naclip", "cityscapes"], "15": ["naclip", "pascalco59"]}
 authors_fig12 = True  # also draw Fig. 12 from the authors' published data (data/authors)
@@ -30,11 +30,11 @@ per_template = True  # params.yaml evaluate.per_template (the per-template IoUs 
 # %%
 from pathlib import Path
 
-import floss.paths
-from floss.authors import authors_status, unavailable_note
+import floss.util.paths
+from floss.data.authors import authors_status, unavailable_note
 from floss.report import analysis, paper, plots
 
-ROOT = Path(root) if root else floss.paths.ROOT
+ROOT = Path(root) if root else floss.util.paths.ROOT
 plots.use_style()
 COLORS = plots.template_colors()
 

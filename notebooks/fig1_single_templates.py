@@ -18,7 +18,7 @@
 # Fig. 1 is CLIP-DINOiser on Cityscapes; the appendix figures repeat it per model and dataset.
 
 # %% tags=["parameters"]
-root = ""  # repository root; empty means floss.paths.ROOT
+root = ""  # repository root; empty means floss.util.paths.ROOT
 fig1_model = "clipdinoiser"
 fig1_dataset = "cityscapes"
 appendix = {"8": "clipdinoiser", "9": "naclip"}  # figure number -> model
@@ -32,10 +32,10 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-import floss.paths
+import floss.util.paths
 from floss.report import analysis, paper, plots
 
-ROOT = Path(root) if root else floss.paths.ROOT
+ROOT = Path(root) if root else floss.util.paths.ROOT
 plots.use_style()
 COLORS = plots.template_colors()
 

@@ -18,7 +18,7 @@
 # statistics — no feature is recomputed — and evaluated on val. Mean ± std over seeds; the dashed line is W_CLIP.
 
 # %% tags=["parameters"]
-root = ""  # repository root; empty means floss.paths.ROOT
+root = ""  # repository root; empty means floss.util.paths.ROOT
 matrix = {}  # params.yaml `models` (model -> datasets run); empty: the paper's matrix
 model = "clipdinoiser"
 datasets = ["cityscapes", "pascalvoc20"]
@@ -32,11 +32,11 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-import floss.paths
-from floss import experiments
+import floss.util.paths
+from floss.protocol import experiments
 from floss.report import analysis, paper, plots
 
-ROOT = Path(root) if root else floss.paths.ROOT
+ROOT = Path(root) if root else floss.util.paths.ROOT
 plots.use_style()
 
 # %%

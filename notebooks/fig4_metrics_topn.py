@@ -14,13 +14,13 @@
 # # Fig. 4 — ablation of the experts: selection metric (4c) and number of experts N (4d)
 #
 # (c) Entropy replaced by other unsupervised metrics (average probability, MaNo, ITI, and any metric registered
-# with `floss.stats.register_metric`) to pick the top-N templates per class. Besides the mIoU, each metric's
+# with `floss.core.stats.register_metric`) to pick the top-N templates per class. Besides the mIoU, each metric's
 # quality as a proxy is measured directly: the Spearman correlation, per class, between the metric and the
 # true per-template IoU (oriented so that higher = better proxy), averaged over classes.
 # (d) FLOSS with N = 1, 2, ... experts per class.
 
 # %% tags=["parameters"]
-root = ""  # repository root; empty means floss.paths.ROOT
+root = ""  # repository root; empty means floss.util.paths.ROOT
 model = "clipdinoiser"
 dataset = "cityscapes"
 metrics = ["avgprob", "mano", "iti", "entropy"]
@@ -35,11 +35,11 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-import floss.paths
-from floss import experiments
+import floss.util.paths
+from floss.protocol import experiments
 from floss.report import analysis, paper, plots, tables
 
-ROOT = Path(root) if root else floss.paths.ROOT
+ROOT = Path(root) if root else floss.util.paths.ROOT
 plots.use_style()
 
 # %%

@@ -18,7 +18,7 @@
 # top-N templates by true IoU (paper: 37.1/37.0/37.3/37.5 for N=1..4; ρ=100 %: 34.1).
 
 # %% tags=["parameters"]
-root = ""  # repository root; empty means floss.paths.ROOT
+root = ""  # repository root; empty means floss.util.paths.ROOT
 model = "clipdinoiser"
 dataset = "cityscapes"
 rhos = [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -34,11 +34,11 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
 
-import floss.paths
-from floss import experiments
+import floss.util.paths
+from floss.protocol import experiments
 from floss.report import analysis, paper, plots, tables
 
-ROOT = Path(root) if root else floss.paths.ROOT
+ROOT = Path(root) if root else floss.util.paths.ROOT
 plots.use_style()
 
 # %%

@@ -18,7 +18,7 @@
 # 30 points on Cityscapes' sky for CLIP-DINOiser).
 
 # %% tags=["parameters"]
-root = ""  # repository root; empty means floss.paths.ROOT
+root = ""  # repository root; empty means floss.util.paths.ROOT
 models = ["clipdinoiser", "maskclip", "naclip"]
 dataset = "cityscapes"
 matrix = None  # params.yaml `models`; None: the paper's matrix. A panel whose run is missing says so.
@@ -29,10 +29,10 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-import floss.paths
+import floss.util.paths
 from floss.report import analysis, paper, plots
 
-ROOT = Path(root) if root else floss.paths.ROOT
+ROOT = Path(root) if root else floss.util.paths.ROOT
 plots.use_style()
 
 # %%

@@ -16,7 +16,7 @@
 # mIoU(+FLOSS) − mIoU(model) per model and dataset, reproduced (bars) and the paper's Table 1 (dots).
 
 # %% tags=["parameters"]
-root = ""  # repository root; empty means floss.paths.ROOT
+root = ""  # repository root; empty means floss.util.paths.ROOT
 models = ["maskclip", "naclip", "clipdinoiser"]
 datasets = ["cityscapes", "pascalvoc20", "pascalco59", "ade20k", "cocostuff"]
 matrix = None  # params.yaml `models`; None: the paper's matrix. Bars not run are absent (and listed).
@@ -27,10 +27,10 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-import floss.paths
+import floss.util.paths
 from floss.report import analysis, paper, plots
 
-ROOT = Path(root) if root else floss.paths.ROOT
+ROOT = Path(root) if root else floss.util.paths.ROOT
 plots.use_style()
 
 # %%

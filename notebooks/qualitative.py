@@ -19,7 +19,7 @@
 # many pixels FLOSS changes. Eq. 7 is applied here on the window-averaged maps at the resized resolution.
 
 # %% tags=["parameters"]
-root = ""  # repository root; empty means floss.paths.ROOT
+root = ""  # repository root; empty means floss.util.paths.ROOT
 model = "clipdinoiser"
 dataset = "cityscapes"
 num_images = 3
@@ -33,11 +33,11 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-import floss.paths
-from floss import experiments
+import floss.util.paths
+from floss.protocol import experiments
 from floss.report import analysis, paper, plots, tables
 
-ROOT = Path(root) if root else floss.paths.ROOT
+ROOT = Path(root) if root else floss.util.paths.ROOT
 plots.use_style()
 
 # %%
@@ -70,7 +70,7 @@ if run:
 
     def picture(record):
         if data_root and not synthetic:
-            from floss.datasets.reader import open_dataset
+            from floss.data.datasets.reader import open_dataset
             ds = open_dataset(dataset, data_root, "val").subset([record.id])
             return ds[0].image
         return colour(record.label.numpy())

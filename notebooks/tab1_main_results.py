@@ -19,7 +19,7 @@
 # (`metrics/miou.json`, for `dvc metrics diff`, is written by the pipeline's metrics stage from the same files.)
 
 # %% tags=["parameters"]
-root = ""  # repository root; empty means floss.paths.ROOT
+root = ""  # repository root; empty means floss.util.paths.ROOT
 models = ["maskclip", "naclip", "clipdinoiser"]
 datasets = ["cityscapes", "pascalvoc20", "pascalco59", "ade20k", "cocostuff"]
 matrix = None  # params.yaml `models` (model -> datasets run); None: the paper's matrix. Cells not run say so.
@@ -27,10 +27,10 @@ matrix = None  # params.yaml `models` (model -> datasets run); None: the paper's
 # %%
 from pathlib import Path
 
-import floss.paths
+import floss.util.paths
 from floss.report import analysis, paper, tables
 
-ROOT = Path(root) if root else floss.paths.ROOT
+ROOT = Path(root) if root else floss.util.paths.ROOT
 
 # %% [markdown]
 # Load every results file the matrix ran; a missing one is an error that names the file and the stage that writes

@@ -18,7 +18,7 @@
 # reports the mean over classes. It needs the per-template IoU of the evaluation stage (`per_template`).
 
 # %% tags=["parameters"]
-root = ""  # repository root; empty means floss.paths.ROOT
+root = ""  # repository root; empty means floss.util.paths.ROOT
 models = ["maskclip", "naclip", "clipdinoiser"]
 datasets = ["cityscapes", "pascalvoc20", "pascalco59", "ade20k", "cocostuff"]
 matrix = None  # params.yaml `models`; None: the paper's matrix. Pairs not run are shown as "not run".
@@ -27,10 +27,10 @@ per_template = True  # params.yaml evaluate.per_template: rho_hat needs the 80 s
 # %%
 from pathlib import Path
 
-import floss.paths
+import floss.util.paths
 from floss.report import analysis, paper, tables
 
-ROOT = Path(root) if root else floss.paths.ROOT
+ROOT = Path(root) if root else floss.util.paths.ROOT
 
 # %%
 rows, synthetic, not_run = {}, False, set()

@@ -17,7 +17,7 @@
 # (ACDC night/fog/rain/snow, BDD, Mapillary). "Avg" is the mean over the out-of-domain sets, as in the paper.
 
 # %% tags=["parameters"]
-root = ""  # repository root; empty means floss.paths.ROOT
+root = ""  # repository root; empty means floss.util.paths.ROOT
 models = ["maskclip", "naclip", "clipdinoiser"]
 transfer_datasets = ["acdc_night", "acdc_fog", "acdc_rain", "acdc_snow", "bdd", "mapillary"]
 matrix = None  # params.yaml `models`; None: the paper's matrix
@@ -26,10 +26,10 @@ transfer = None  # params.yaml `transfer` ({models, datasets} run); None: every 
 # %%
 from pathlib import Path
 
-import floss.paths
+import floss.util.paths
 from floss.report import analysis, paper, tables
 
-ROOT = Path(root) if root else floss.paths.ROOT
+ROOT = Path(root) if root else floss.util.paths.ROOT
 
 # %%
 rows, synthetic, not_run = {}, False, set()

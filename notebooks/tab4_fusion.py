@@ -18,7 +18,7 @@
 # (average the claiming experts) and Expert Highest (the most confident claimer, Eq. 7 — FLOSS).
 
 # %% tags=["parameters"]
-root = ""  # repository root; empty means floss.paths.ROOT
+root = ""  # repository root; empty means floss.util.paths.ROOT
 models = ["maskclip", "naclip", "clipdinoiser"]
 dataset = "cityscapes"
 fusions = ["average_all", "default", "average", "highest"]
@@ -28,10 +28,10 @@ evaluated_fusions = None  # params.yaml evaluate.fusions (those run); None: all 
 # %%
 from pathlib import Path
 
-import floss.paths
+import floss.util.paths
 from floss.report import analysis, paper, tables
 
-ROOT = Path(root) if root else floss.paths.ROOT
+ROOT = Path(root) if root else floss.util.paths.ROOT
 
 # %%
 docs = {m: analysis.results_or_none(ROOT, matrix, m, dataset) for m in models}

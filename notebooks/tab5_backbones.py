@@ -17,7 +17,7 @@
 # and PASCAL Context 59. SCLIP and GEM rows are quoted from the paper.
 
 # %% tags=["parameters"]
-root = ""  # repository root; empty means floss.paths.ROOT
+root = ""  # repository root; empty means floss.util.paths.ROOT
 backbones = {"vitb16": "naclip", "vitl14": "naclip_vitl14"}
 # beyond the paper: FLOSS applied to the methods the paper only quotes, per backbone
 beyond = {"vitb16": ["sclip", "gem"], "vitl14": ["sclip_vitl14", "gem_vitl14"]}
@@ -29,10 +29,10 @@ from pathlib import Path
 
 import pandas as pd
 
-import floss.paths
+import floss.util.paths
 from floss.report import analysis, paper, tables
 
-ROOT = Path(root) if root else floss.paths.ROOT
+ROOT = Path(root) if root else floss.util.paths.ROOT
 
 # %%
 parts, synthetic = [], False

@@ -1,7 +1,7 @@
-"""Write tiny datasets in the real on-disk layouts read by :mod:`floss.datasets` (for tests).
+"""Write tiny datasets in the real on-disk layouts read by :mod:`floss.data.datasets` (for tests).
 
 Every ``make_<dataset>(root, n_train, n_val, size, *, seed)`` writes random images and labels under ``root``
-(the dataset root that :func:`floss.datasets.open_dataset` takes) and returns ``root`` as a :class:`Path`.
+(the dataset root that :func:`floss.data.datasets.open_dataset` takes) and returns ``root`` as a :class:`Path`.
 ``size`` is ``(H, W)``. Images have distinct channel levels (R ~ 200, G ~ 110, B ~ 35, plus noise) so a
 channel swap is detectable even after JPEG compression. Labels hold the raw stored values of the real
 dataset: class ids and 255 for train-id datasets; 0 (background/unlabelled), 1..K and 255 for the
@@ -207,7 +207,7 @@ def _acdc_maker(condition: str) -> Callable[..., Path]:
     return make
 
 
-#: dataset name (as in :data:`floss.datasets.DATASETS`) -> generator ``(root, n_train, n_val, size, *, seed)``
+#: dataset name (as in :data:`floss.data.datasets.DATASETS`) -> generator ``(root, n_train, n_val, size, *, seed)``
 MAKERS: dict[str, Callable[..., Path]] = {
     "cityscapes": make_cityscapes, "pascalvoc20": make_pascalvoc20, "pascalco59": make_pascalco59,
     "ade20k": make_ade20k, "cocostuff": make_cocostuff,

@@ -21,7 +21,7 @@ import torch
 import yaml
 from PIL import Image
 
-from floss import paths
+from floss.util import paths
 
 from layouts import make_dataset
 

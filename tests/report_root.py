@@ -8,11 +8,11 @@ import shutil
 from pathlib import Path
 
 from floss import protocol
-from floss.cache import FeatureCache
-from floss.experiments import cache_path, lenient_experts, stats_path
-from floss.rankings import save_rankings
+from floss.data.cache import FeatureCache
+from floss.protocol.experiments import cache_path, lenient_experts, stats_path
+from floss.core.rankings import save_rankings
 from floss.report.analysis import rankings_path, results_path
-from floss.synthetic import write_synthetic_cache
+from floss.data.synthetic import write_synthetic_cache
 
 METRICS = ("entropy", "avgprob", "mano", "iti")
 FUSIONS = ("highest", "average", "default", "average_all")

@@ -12,9 +12,10 @@ import pytest
 import yaml
 
 from conftest import TINY_GELU
-from floss import cli, paths
-from floss.cache import FeatureCache
-from floss.params import ParamsError, check_paper_inputs, validate_params
+from floss import cli
+from floss.util import paths
+from floss.data.cache import FeatureCache
+from floss.pipeline.params import ParamsError, check_paper_inputs, validate_params
 from layouts import make_cityscapes, random_image, random_label, write_image, write_label
 
 MODEL = ["--backbone", TINY_GELU, "--pretrained", "none", "--device", "cpu", "--workers", "0"]

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from floss.cache import (CacheError, CacheWriter, FeatureCache, ImageRecord, merge_partial_manifests,
+from floss.data.cache import (CacheError, CacheWriter, FeatureCache, ImageRecord, merge_partial_manifests,
                          shard_name)
 
 M, Q, D = 5, 3, 8
@@ -70,7 +70,7 @@ def test_round_trip_fp32_exact_and_fp16_close(tmp_path):
 def test_reads_are_lazy_per_shard(tmp_path, monkeypatch):
     write(tmp_path / "c", range(6), images_per_shard=2)
     cache = FeatureCache(tmp_path / "c")
-    import floss.cache as mod
+    import floss.data.cache as mod
     opened = []
     real = mod.safe_open
     monkeypatch.setattr(mod, "safe_open", lambda p, **kw: opened.append(str(p)) or real(p, **kw))
@@ -87,7 +87,7 @@ def test_stale_cache_is_refused_naming_the_keys(tmp_path, caplog):
     with pytest.raises(CacheError, match="split"):
         FeatureCache(tmp_path / "c", expected_fingerprint={**FP, "split": "train"})
     # the writer does not reuse it: it starts over, saying which keys differ
-    with caplog.at_level("INFO", logger="floss.cache"):
+    with caplog.at_level("INFO", logger="floss.data.cache"):
         with CacheWriter(tmp_path / "c", META, {**FP, "backbone": "ViT-B-16"}, text()) as w:
             assert w.done_ids == set() and not w.complete
             w.add(make_record(7))

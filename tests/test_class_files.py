@@ -1,5 +1,5 @@
 """Class-names files: a byte-order mark is dropped, undecodable bytes name the file and line, names that the model
-cannot tell apart (case, whitespace) are refused with both lines, and the one class key (floss.classes.class_key)
+cannot tell apart (case, whitespace) are refused with both lines, and the one class key (floss.core.classes.class_key)
 matches rankings to classes, so what ``rank`` writes for a class file ``segment`` accepts for it."""
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pytest
 
 from conftest import TINY_GELU
 from floss import cli
-from floss.classes import class_key, match_rankings_classes
-from floss.datasets.folder import read_class_file
-from floss.rankings import load_rankings, save_rankings
-from floss.templates import NUM_TEMPLATES
+from floss.core.classes import class_key, match_rankings_classes
+from floss.data.datasets.folder import read_class_file
+from floss.core.rankings import load_rankings, save_rankings
+from floss.core.templates import NUM_TEMPLATES
 from layouts import random_image, write_image
 
 MODEL = ["--backbone", TINY_GELU, "--pretrained", "none", "--device", "cpu", "--workers", "0"]

@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 from conftest import TINY_GELU
 from floss import cli
-from floss.cache import FeatureCache
+from floss.data.cache import FeatureCache
 from floss.protocol import evaluate_cache
-from floss.rankings import load_rankings, select_experts
+from floss.core.rankings import load_rankings, select_experts
 from layouts import make_dataset
 
 
@@ -109,7 +109,7 @@ def test_transfer_rankings_from_another_dataset(caches, tmp_path):
 
 
 def test_interrupted_extraction_resumes_identically(city, tmp_path, monkeypatch):
-    from floss.cache import CacheWriter
+    from floss.data.cache import CacheWriter
     ref, run = tmp_path / "ref", tmp_path / "run"
     assert cli.main(extract_args(city, ref, "train", "cityscapes", "--images-per-shard", "1")) == 0
     real_flush, calls = CacheWriter._flush, []

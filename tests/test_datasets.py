@@ -1,4 +1,4 @@
-"""Readers of floss.datasets on tiny datasets written in each real layout by tests/layouts.py."""
+"""Readers of floss.data.datasets on tiny datasets written in each real layout by tests/layouts.py."""
 from __future__ import annotations
 
 import logging
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from floss.datasets import (DATASETS, DatasetLayoutError, Sample, UnreadableFileError, available_datasets,
+from floss.data.datasets import (DATASETS, DatasetLayoutError, Sample, UnreadableFileError, available_datasets,
                             open_dataset, read_image, read_label)
 from tests.layouts import (MAKERS, make_cityscapes, make_cocostuff, make_dataset, make_mapillary, make_pascalco59,
                            make_pascalvoc20, voc_palette, write_label)
@@ -251,13 +251,13 @@ def test_aliases_resolve_to_canonical_names(tmp_path):
 
 def test_partial_copy_is_logged(tmp_path, caplog):
     root = make_cityscapes(tmp_path / "cs", 1, 1, SIZE)
-    with caplog.at_level(logging.WARNING, logger="floss.datasets.reader"):
+    with caplog.at_level(logging.WARNING, logger="floss.data.datasets.reader"):
         open_dataset("cityscapes", root, "val")
     assert "has 1 images; the full split has 500" in caplog.text
 
 
 def test_class_names_come_from_floss_classes(tmp_path):
-    classes = pytest.importorskip("floss.classes")
+    classes = pytest.importorskip("floss.core.classes")
     root = make_dataset("acdc_fog", tmp_path / "acdc", 1, 1, SIZE)
     ds = open_dataset("fog-acdc", root, "val")
     assert set(available_datasets()) == set(classes.DATASETS)  # one naming across the project

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from floss import paths
+from floss.util import paths
 
 pytestmark = pytest.mark.slow
 
 RUN = """
 import copy, sys, torch, yaml
 from floss import pipeline
-from floss.params import validate_params
+from floss.pipeline.params import validate_params
 torch.set_num_threads(int(sys.argv[2]))
 params = yaml.safe_load(open(sys.argv[1]))
 params["models"] = {"maskclip": ["cityscapes"], "naclip": ["cityscapes"]}    # window and final softmax

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import TINY_GELU
-from floss import distributed
-from floss.cache import FeatureCache
+from floss.util import distributed
+from floss.data.cache import FeatureCache
 from layouts import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]

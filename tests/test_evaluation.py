@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from floss.evaluation import ConfusionMeter, confusion_matrix, iou_percent_dict, miou
+from floss.core.evaluation import ConfusionMeter, confusion_matrix, iou_percent_dict, miou
 
 
 def test_hand_computed_example():
@@ -88,7 +88,7 @@ def test_bad_inputs_name_the_argument(call, match):
 def test_per_template_iou_counts_absent_classes_as_zero_like_the_authors():
     """Main mIoU: a class absent from ground truth and prediction is NaN and left out; per-template IoU (the
     authors' EntropyMetric, protocol §9.12): I / (U + 1e-10), so it counts 0."""
-    from floss.evaluation import miou
+    from floss.core.evaluation import miou
     conf = torch.tensor([[3, 1, 0], [0, 2, 0], [0, 0, 0]])        # class 2 never occurs
     iou, mean = miou(conf)
     assert math.isnan(iou[2]) and mean == pytest.approx((3 / 4 + 2 / 3) / 2)

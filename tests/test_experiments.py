@@ -1,4 +1,4 @@
-"""floss.experiments and floss.report.analysis on tiny synthetic caches."""
+"""floss.protocol.experiments and floss.report.analysis on tiny synthetic caches."""
 from __future__ import annotations
 
 import math
@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from floss import experiments
-from floss.rankings import select_experts
+from floss.protocol import experiments
+from floss.core.rankings import select_experts
 from floss.report import analysis
 
 

@@ -1,5 +1,5 @@
-"""The fast paths equal the straightforward computations: fused TemplateStats kernels (floss._fused), the
-per-template confusion shortcut (floss._argmax), the renderer's matrix path and the worker threads.
+"""The fast paths equal the straightforward computations: fused TemplateStats kernels (floss.core.kernels.fused), the
+per-template confusion shortcut (floss.protocol.kernels.argmax), the renderer's matrix path and the worker threads.
 
 Counts and confusion matrices are compared exactly; float sums to a tight relative tolerance.
 """
@@ -11,16 +11,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from floss import protocol, rendering
-from floss._argmax import per_template_confusion, per_template_confusion_reference
-from floss._fused import entropy_scores, first_argmax, mano_branch, mano_scores
-from floss._interp import RowUpsampler, upsample_rows
-from floss._threads import map_single_threaded
-from floss.cache import FeatureCache, ImageRecord
-from floss.metrics_registry import entropy_score, mano_score
+from floss import protocol
+
+from floss.protocol import rendering
+from floss.protocol.kernels.argmax import per_template_confusion, per_template_confusion_reference
+from floss.core.kernels.fused import entropy_scores, first_argmax, mano_branch, mano_scores
+from floss.core.kernels.interp import RowUpsampler, upsample_rows
+from floss.util.threads import map_single_threaded
+from floss.data.cache import FeatureCache, ImageRecord
+from floss.core.metrics import entropy_score, mano_score
 from floss.models.base import ProtocolSettings
 from floss.models.preprocess import window_boxes
-from floss.stats import TemplateStats
+from floss.core.stats import TemplateStats
 
 
 def _probs(*shape, seed=0, scale=3.0, dim=1):
@@ -88,7 +90,7 @@ def test_mano_branch_bounds_hold_on_probability_vectors():
 def _naive_stats(probs: torch.Tensor, size, metrics, features=None):
     """Upsample every template with F.interpolate, registry metric functions, per-class masks, and (ITI) the
     features upsampled per pixel: the old per-pixel algorithm."""
-    from floss.metrics_registry import get_metric
+    from floss.core.metrics import get_metric
     m, k = probs.shape[:2]
     full = F.interpolate(probs.float(), size=size, mode="bilinear", align_corners=False)
     counts = torch.zeros(m, k, dtype=torch.int64)
@@ -200,7 +202,7 @@ def _text(m, q, seed=0):
 
 
 def _refuse_reference(monkeypatch):
-    import floss._argmax as argmax
+    import floss.protocol.kernels.argmax as argmax
 
     def refuse(*args, **kwargs):
         raise AssertionError("per_template_confusion fell back to the reference loop")
@@ -297,7 +299,7 @@ def test_per_template_confusion_rejects_bad_labels():
 def test_evaluate_per_template_on_synthetic_caches_equals_rendering(tmp_path, model, dataset):
     # the repo's synthetic caches are tiny (geometry / 7): these go through the reference loop; the point is
     # that evaluate_cache's per-template confusions are unchanged
-    from floss.synthetic import write_synthetic_cache
+    from floss.data.synthetic import write_synthetic_cache
     cache = FeatureCache(write_synthetic_cache(tmp_path / "c", model, dataset, "val", num_images=2))
     res = protocol.evaluate_cache(cache, per_template=True, progress=False)
     text, k = cache.text, cache.num_classes
@@ -308,7 +310,7 @@ def test_evaluate_per_template_on_synthetic_caches_equals_rendering(tmp_path, mo
 
 def test_evaluate_per_template_at_protocol_size_equals_rendering(tmp_path, fast_only):
     # a Cityscapes-like geometry (448 windows, 28x28 grids) with synonyms, through evaluate_cache
-    from floss.cache import CacheWriter
+    from floss.data.cache import CacheWriter
     from floss.models.base import settings_for
     s = settings_for("maskclip", "cityscapes")
     q2c = [0, 1, 1, 2, 3]
@@ -341,7 +343,7 @@ def test_map_single_threaded_keeps_order_and_thread_setting():
 # ----------------------------------------------------------------------------------------------- fusion
 @pytest.mark.parametrize("k,normalized", [(4, True), (19, True), (30, False)])
 def test_fuse_many_equals_one_fuse_per_strategy(k, normalized):
-    from floss.fusion import STRATEGIES, fuse, fuse_many
+    from floss.core.fusion import STRATEGIES, fuse, fuse_many
     experts = _probs(k, k, 7, 9, seed=k, scale=4.0)
     experts[:, :, 0, 0] = 1.0 / k                         # ties everywhere at one pixel
     fallback = _probs(k, 7, 9, seed=k + 1, dim=0)

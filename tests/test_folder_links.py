@@ -8,9 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from floss.datasets import open_dataset
-from floss.datasets.folder import open_folder
-from floss.datasets.walk import BrokenLinkError, scan_tree
+from floss.data.datasets import open_dataset
+from floss.data.datasets.folder import open_folder
+from floss.data.datasets.walk import BrokenLinkError, scan_tree
 from layouts import make_dataset, random_image, write_image
 
 IMAGES = ("2024/a.png", "2024/b.jpg", "2024/deep/c.png", "top.png")
@@ -110,7 +110,7 @@ def test_link_loop_on_itself_named_like_an_image_is_refused(tree):
 
 def test_other_broken_links_are_skipped_with_a_warning(tree, caplog):
     os.symlink("missing-folder", tree / "old")
-    with caplog.at_level(logging.WARNING, logger="floss.datasets.walk"):
+    with caplog.at_level(logging.WARNING, logger="floss.data.datasets.walk"):
         assert scan_tree(tree, _is_image) == sorted(IMAGES)
     assert "broken symbolic link" in caplog.text and "old -> missing-folder" in caplog.text
 

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from floss import protocol
-from floss._argmax import per_template_confusion, per_template_confusion_reference
-from floss.cache import ImageRecord
+from floss.protocol.kernels.argmax import per_template_confusion, per_template_confusion_reference
+from floss.data.cache import ImageRecord
 from floss.models.base import PROTOCOL_MODELS, KNOWN_DATASETS, ProtocolSettings, settings_for
 from floss.models.preprocess import rescale_size, window_boxes
 

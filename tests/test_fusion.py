@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from floss.fusion import SOURCE_AVERAGED, SOURCE_FALLBACK, STRATEGIES, fuse, fuse_rows, upsampling_expert_fn
+from floss.core.fusion import SOURCE_AVERAGED, SOURCE_FALLBACK, STRATEGIES, fuse, fuse_rows, upsampling_expert_fn
 
 
 def reference_pixel(vectors, fallback, strategy):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from floss import paths
+from floss.util import paths
 
 pytestmark = pytest.mark.slow
 

@@ -12,10 +12,10 @@ import torch
 
 from conftest import TINY_GELU
 from floss import cli
-from floss._io import atomic_write, atomic_write_json, save_results
-from floss.rankings import save_rankings
-from floss.stats import TemplateStats
-from floss.templates import NUM_TEMPLATES
+from floss.util.io import atomic_write, atomic_write_json, save_results
+from floss.core.rankings import save_rankings
+from floss.core.stats import TemplateStats
+from floss.core.templates import NUM_TEMPLATES
 from layouts import random_image, write_image
 
 MODEL = ["--backbone", TINY_GELU, "--pretrained", "none", "--device", "cpu", "--workers", "0"]

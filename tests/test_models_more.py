@@ -16,13 +16,13 @@ import torch.nn.functional as F
 
 from conftest import ASSETS, TINY_QUICKGELU, _tiny_model
 from floss import protocol
-from floss.cache import CacheWriter, FeatureCache, ImageRecord
-from floss.classes import CLASS_NAMES, query_groups, query_names, ranking_keys, rankings_dataset
+from floss.data.cache import CacheWriter, FeatureCache, ImageRecord
+from floss.core.classes import CLASS_NAMES, query_groups, query_names, ranking_keys, rankings_dataset
 from floss.models import (GEM, SCLIP, ClearCLIP, ProtocolSettings, available_models, create_model,
                           settings_for)
 from floss.models import preprocess as pp
 from floss.models.base import DRIVING_DATASETS
-from floss.text import averaged_classifier, template_embeddings
+from floss.core.text import averaged_classifier, template_embeddings
 
 TINY_DEEP = str(ASSETS / "tiny-vit-quickgelu-deep.json")     # 8 blocks: GEM's default depth 7 fits
 NATIVE = (4, 4)
@@ -486,7 +486,7 @@ def test_gem_448_transform_end_to_end(tmp_path, tiny_gem):
 def test_cli_extract_and_rank_with_sclip(tmp_path):
     """``floss extract --model sclip`` prompts NACLIP's 30 VOC20 query words; ``rank`` keys the unspaced names."""
     from floss import cli
-    from floss.rankings import load_rankings
+    from floss.core.rankings import load_rankings
     from layouts import make_dataset
     root = make_dataset("pascalvoc20", tmp_path / "voc", n_train=1, n_val=0)
     assert cli.main(["extract", "--model", "sclip", "--dataset", "pascalvoc20", "--split", "train", "--data-root",

@@ -11,9 +11,9 @@ import torch
 
 from conftest import TINY_GELU, TINY_QUICKGELU
 from floss import cli
-from floss.datasets.folder import open_folder, read_class_file
-from floss.rankings import load_rankings
-from floss.stats import TemplateStats
+from floss.data.datasets.folder import open_folder, read_class_file
+from floss.core.rankings import load_rankings
+from floss.core.stats import TemplateStats
 from layouts import make_dataset, random_image, random_label, write_image, write_label
 
 MODEL = ["--backbone", TINY_GELU, "--pretrained", "none", "--device", "cpu", "--workers", "0"]
@@ -74,9 +74,9 @@ def test_rank_own_images_without_a_cache_equals_the_cached_path(folder, tmp_path
     assert cli.main(["segment", "--model", "maskclip", *src, *MODEL, "--rankings", str(tmp_path / "direct.entropy.json"),
                      "--out", str(tmp_path / "masks")]) == 0
     from PIL import Image
-    from floss.cache import FeatureCache
+    from floss.data.cache import FeatureCache
     from floss.protocol import Predictor
-    from floss.rankings import select_experts
+    from floss.core.rankings import select_experts
     cache = FeatureCache(tmp_path / "cache")
     predictor = Predictor(cache.text, cache.settings, cache.query_to_class, 3,
                           select_experts(load_rankings(tmp_path / "direct.entropy.json"), n=4))
@@ -95,7 +95,7 @@ def test_cache_free_ranking_resumes_with_identical_statistics(tmp_path, monkeypa
     """Interrupted after two images (the periodic checkpoint comes every 64 images: the two are saved because the
     checkpoint is written on any exception), the rerun completes the same statistics as an uninterrupted run; a
     checkpoint of other settings is not reused."""
-    from floss import extraction
+    from floss.protocol import extraction
 
     root = make_dataset("pascalvoc20", tmp_path / "voc", n_train=3, n_val=1, size=(32, 48))
     source = ["rank", "--model", "naclip", "--dataset", "pascalvoc20", "--data-root", str(root)]

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from floss import paths
+from floss.util import paths
 from floss.report.analysis import OTHER_WEIGHTS_MARK
 from floss.report.tables import DEMO_MARK, NOT_RUN
 from rehearsal import copy_repository, git_env, make_paper_datasets, make_weights

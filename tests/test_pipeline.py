@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from floss import paths
-from floss.params import ParamsError, load_params, validate_params
+from floss.util import paths
+from floss.pipeline.params import ParamsError, load_params, validate_params
 from floss.pipeline import NOTEBOOK_PARAMS, notebook_command, notebook_parameters, torchrun_command
 
 ROOT = paths.ROOT
@@ -228,7 +228,7 @@ def test_default_params_need_nothing_outside_the_repository():
 
 @pytest.mark.skipif(not AUTHORS.is_dir(), reason="../shared/reference/authors is absent")
 def test_authors_fetch_with_local_override(tmp_path):
-    from floss.authors import fetch_authors
+    from floss.data.authors import fetch_authors
 
     dest = fetch_authors(tmp_path / "authors", url="http://127.0.0.1:9", local=AUTHORS)
     files = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*.json"))
@@ -247,7 +247,7 @@ def test_authors_fetch_with_local_override(tmp_path):
 
 
 def test_authors_download_fails_fast_naming_the_override(tmp_path):
-    from floss.authors import fetch_authors
+    from floss.data.authors import fetch_authors
 
     with pytest.raises(ConnectionError, match="authors.local"):
         fetch_authors(tmp_path / "authors", url="http://127.0.0.1:9/FLOSS", timeout=5)
@@ -257,7 +257,7 @@ def test_authors_download_fails_fast_naming_the_override(tmp_path):
 
 def test_authors_stage_records_unavailable_data_and_never_fails(tmp_path):
     """Offline and no local copy: the stage succeeds, records why, and says how to get the data."""
-    from floss.authors import GET_IT, authors_status, obtain_authors, unavailable_note
+    from floss.data.authors import GET_IT, authors_status, obtain_authors, unavailable_note
 
     status = obtain_authors(tmp_path / "data/authors", url="http://127.0.0.1:9/FLOSS", timeout=5,
                             local=tmp_path / "nowhere")
@@ -273,7 +273,7 @@ def test_authors_stage_records_unavailable_data_and_never_fails(tmp_path):
 
 @pytest.mark.skipif(not AUTHORS.is_dir(), reason="../shared/reference/authors is absent")
 def test_authors_stage_with_a_local_copy(tmp_path):
-    from floss.authors import authors_status, obtain_authors
+    from floss.data.authors import authors_status, obtain_authors
 
     status = obtain_authors(tmp_path / "data/authors", url="http://127.0.0.1:9/FLOSS", local=AUTHORS, timeout=5)
     assert status["available"] is True and status["source"] == f"local:{AUTHORS}"
@@ -353,8 +353,8 @@ def test_dvc_lock_is_up_to_date():
 
 def test_experts_follow_the_authors_rule_for_classes_without_enough_valid_templates(tmp_path, monkeypatch):
     from floss import pipeline
-    from floss.classes import CLASS_NAMES
-    from floss.rankings import save_rankings
+    from floss.core.classes import CLASS_NAMES
+    from floss.core.rankings import save_rankings
 
     monkeypatch.setattr(paths, "ROOT", tmp_path)
     classes = {}

@@ -2,7 +2,7 @@
 import json
 
 from floss import cli
-from floss.cache import FeatureCache
+from floss.data.cache import FeatureCache
 from tests.layouts import make_cityscapes
 
 

@@ -1,7 +1,7 @@
 """Protocol step: cached window features -> probabilities, ranking and evaluation, against naive references.
 
 The references use the models helper's ``merge_windows``/``resize_to`` (``F.interpolate``) and
-``floss.fusion.fuse`` on whole windows, one template / one window at a time.
+``floss.core.fusion.fuse`` on whole windows, one template / one window at a time.
 """
 from __future__ import annotations
 
@@ -10,13 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from floss import protocol, rendering
-from floss.cache import CacheWriter, FeatureCache, ImageRecord
-from floss.evaluation import confusion_matrix
-from floss.fusion import fuse
+from floss import protocol
+
+from floss.protocol import rendering
+from floss.data.cache import CacheWriter, FeatureCache, ImageRecord
+from floss.core.evaluation import confusion_matrix
+from floss.core.fusion import fuse
 from floss.models.base import ProtocolSettings, settings_for
 from floss.models.preprocess import merge_windows, resize_to, window_boxes
-from floss.text import averaged_classifier, expand_experts_to_queries, expert_classifiers
+from floss.core.text import averaged_classifier, expand_experts_to_queries, expert_classifiers
 
 D, GRID = 16, 4
 
@@ -177,7 +179,7 @@ def test_evaluate_needs_one_expert_list_per_class(tmp_path):
 
 @pytest.mark.parametrize("stage,synonyms", [("window", False), ("final", True)])
 def test_rank_cache_equals_naive_per_template_loop(tmp_path, stage, synonyms):
-    from floss.stats import TemplateStats
+    from floss.core.stats import TemplateStats
     cache = build_cache(tmp_path / "c", stage, synonyms)
     st = protocol.rank_cache(cache, metrics=("entropy", "avgprob"), template_chunk=4, progress=False)
     M, K = cache.text.shape[0], cache.num_classes
@@ -196,7 +198,7 @@ def test_rank_cache_equals_naive_per_template_loop(tmp_path, stage, synonyms):
 
 def test_cache_classification_equals_end_to_end_model_path(tmp_path, tiny_maskclip):
     """A tiny MaskCLIP (random weights): extract -> fp32 cache -> classify == features used directly."""
-    from floss.text import template_embeddings
+    from floss.core.text import template_embeddings
     settings = settings_for("maskclip", "cityscapes")
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, size=(30, 52, 3), dtype=np.uint8)

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from floss.classes import ranking_keys
-from floss.paths import SHARED
-from floss.rankings import (experts_overlap, expert_quality, iou_matrix_from_json, load_rankings, mixed_experts,
+from floss.core.classes import ranking_keys
+from floss.util.paths import SHARED
+from floss.core.rankings import (experts_overlap, expert_quality, iou_matrix_from_json, load_rankings, mixed_experts,
                             oracle_experts, save_rankings, select_experts, true_experts, validate_rankings)
 
 AUTHORS = SHARED / "reference" / "authors"
@@ -46,7 +46,7 @@ def test_select_experts_follows_the_authors_rule_for_classes_short_of_valid_temp
     classifier), as the authors' MaskCLIP/CLIP-DINOiser inferencer; both are logged (protocol §1.5)."""
     r = make_rankings({"road": [5, 6, 7, 8, 9], "sky": [1, 2, 3, 4], "car": [9]},
                       zero={"sky": [t for t in range(80) if t not in (1, 2)], "car": list(range(80))})
-    with caplog.at_level("WARNING", logger="floss.rankings"):
+    with caplog.at_level("WARNING", logger="floss.core.rankings"):
         experts = select_experts(r)
     assert experts == [[5, 6, 7, 8], [1, 2], list(range(80))]
     assert "sky (2)" in caplog.text and "car (0)" in caplog.text
@@ -114,7 +114,7 @@ def test_save_load_roundtrip_is_atomic(tmp_path):
 def _authors_files():
     files = sorted((AUTHORS / "rankings").glob("*/*.json"))
     if not files or not (AUTHORS / "top4_experts.json").is_file():
-        pytest.skip("authors' rankings not available under floss.paths.SHARED")
+        pytest.skip("authors' rankings not available under floss.util.paths.SHARED")
     return files
 
 

@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from floss import paths
+from floss.util import paths
 from floss.report import readme
 
 README = paths.ROOT / "README.md"
@@ -28,7 +28,7 @@ def test_metric_registration_example_runs():
         exec(line, {"floss": floss})
         assert "maxprob" in floss.available_metrics()
     finally:
-        from floss import metrics_registry
+        from floss.core import metrics as metrics_registry
         metrics_registry._REGISTRY.pop("maxprob", None)
 
 
@@ -51,7 +51,7 @@ def test_subset_recipe_is_accepted_as_printed(tmp_path):
 
     from dvc.utils.hydra import apply_overrides
 
-    from floss.params import load_params, low_data_datasets
+    from floss.pipeline.params import load_params, low_data_datasets
 
     text = README.read_text()
     sentence = text[text.index("A subset:"):]

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from floss import protocol
-from floss._argmax import per_template_confusion, per_template_confusion_reference
-from floss.cache import ImageRecord
-from floss.evaluation import confusion_matrix
+from floss.protocol.kernels.argmax import per_template_confusion, per_template_confusion_reference
+from floss.data.cache import ImageRecord
+from floss.core.evaluation import confusion_matrix
 from floss.models.base import settings_for
 from floss.models.preprocess import rescale_size, window_boxes
 
@@ -139,7 +139,7 @@ def _reference(maps, boxes, resized, orig, window16: bool, canvas16: bool):
 @pytest.mark.parametrize("n_in,n_out", [(448, 100), (336, 97), (437, 131), (224, 300), (14, 224), (28, 28)])
 def test_two_tap_matmul_is_the_float64_matmul(n_in, n_out):
     """The renderer's band passes: two taps per output, the bits of the dense float64 product rounded once."""
-    from floss._interp import interp_matrix, two_tap_matmul
+    from floss.core.kernels.interp import interp_matrix, two_tap_matmul
     m = interp_matrix(n_in, n_out, "cpu")
     x = torch.randn(3, n_in, 5, generator=torch.Generator().manual_seed(n_in)) * 7
     dense = torch.einsum("oi,nic->noc", m.double(), x.double()).float()

@@ -1,7 +1,7 @@
 """A rerun equals a fresh run, byte for byte: `rank --images`, `rank --dataset`, `extract` + `evaluate` and `dvc repro`
 rerun into their old outputs after inputs were added, deleted and replaced, after a code change that changes the
 numbers, with other weights and with other parameters. Whatever is reused (feature caches, ranking checkpoints, text
-embeddings) is keyed by all that produced it (floss.provenance); the log says what was recomputed and why."""
+embeddings) is keyed by all that produced it (floss.util.provenance); the log says what was recomputed and why."""
 from __future__ import annotations
 
 import json
@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from conftest import TINY_GELU
-from floss import cli, paths
-from floss.cache import FeatureCache
+from floss import cli
+from floss.util import paths
+from floss.data.cache import FeatureCache
 from layouts import make_dataset, random_image, random_label, write_image, write_label
 
 MODEL = ["--backbone", TINY_GELU, "--device", "cpu", "--workers", "0"]
@@ -167,7 +168,7 @@ def test_extract_and_evaluate_rerun_after_inputs_and_parameters_change(tmp_path,
 #: a change of code that changes the numbers, nothing else: cosines scaled (rankings) and the input normalisation
 #: shifted (features)
 NUMBERS_CHANGE = [
-    ("floss/rendering.py", 'return torch.einsum("ndhw,cqd->ncqhw", feats.double()',
+    ("floss/protocol/rendering.py", 'return torch.einsum("ndhw,cqd->ncqhw", feats.double()',
      'return 1.5 * torch.einsum("ndhw,cqd->ncqhw", feats.double()'),
     ("floss/models/preprocess.py", "    return (x - mean) / std\n", "    return (x - 0.5 * mean) / std\n"),
 ]

@@ -1,4 +1,4 @@
-"""Tests of floss.stats (TemplateStats), floss.metrics_registry and floss._interp."""
+"""Tests of floss.core.stats (TemplateStats), floss.core.metrics and floss.core.kernels.interp."""
 from __future__ import annotations
 
 import math
@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from floss._interp import bilinear_matrix, bilinear_taps, upsample_bilinear
-from floss.metrics_registry import available_metrics, get_metric, register_metric
-from floss.stats import TemplateStats
+from floss.core.kernels.interp import bilinear_matrix, bilinear_taps, upsample_bilinear
+from floss.core.metrics import available_metrics, get_metric, register_metric
+from floss.core.stats import TemplateStats
 
 
 def _probs(m, k, h, w, seed=0, scale=3.0):

@@ -1,10 +1,12 @@
 """The package's structure shows its architecture (issue "One house, no circles"): no import circle among floss
-modules, no module over 400 lines, and the models layer never imports the layers above it.
+modules, no module over 400 lines, and no import from a lower layer to a higher one (``LAYERS``, bottom to top:
+each sub-package's docstring says what it owns and may import).
 
 Every module under ``floss/`` is parsed with ``ast`` (nothing is imported). Dependencies are every ``import`` and
 ``from ... import`` of a floss module anywhere in the file, including inside functions (a lazy import is still a
 dependency): ``from floss.x import y`` depends on ``floss.x`` and, when ``y`` is a submodule, on ``floss.x.y``;
-``import floss.x.y`` depends on ``floss.x.y``; relative imports are resolved. So a submodule that imports from its
+``import floss.x.y`` depends on ``floss.x.y``; relative imports are resolved; ``from floss import cli`` depends on
+``floss.cli`` only (the facade ``floss/__init__.py`` imports nothing eagerly). So a submodule that imports from its
 own package (``from floss.models import X`` inside ``floss/models/``) depends on the package's ``__init__``,
 which imports the submodule back: a circle.
 
@@ -29,8 +31,11 @@ KNOWN_CIRCLES: dict[frozenset[str], str] = {}
 #: modules over MAX_LINES lines that remain (paths relative to the repository root), each with why
 KNOWN_LARGE: dict[str, str] = {}
 
-#: the models layer sits below these: no floss.models module may import them, directly or through other modules
-ABOVE_MODELS = ("floss.params", "floss.pipeline", "floss.cli", "floss.report")
+#: the layers, bottom to top: a module may import its own layer and the ones below, never one above. The package
+#: ``floss`` itself (the public facade, names imported lazily from floss.core) and ``floss.__main__`` sit on top.
+LAYERS = ("floss.util", "floss.core", "floss.models", "floss.data", "floss.protocol", "floss.cli", "floss.report",
+          "floss.pipeline")
+TOP = ("floss", "floss.__main__")
 
 
 def _modules() -> dict[str, Path]:
@@ -74,10 +79,12 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> dict[str, int]:
                 source = node.module or ""
             if source != "floss" and not source.startswith("floss."):
                 continue
-            add(_owner(source, modules), node.lineno)
-            for alias in node.names:
-                if f"{source}.{alias.name}" in modules:
-                    add(f"{source}.{alias.name}", node.lineno)
+            submodules = [f"{source}.{a.name}" for a in node.names if f"{source}.{a.name}" in modules]
+            # the facade's __init__ imports nothing eagerly: ``from floss import cli`` depends on floss.cli only
+            if source != "floss" or len(submodules) < len(node.names):
+                add(_owner(source, modules), node.lineno)
+            for sub in submodules:
+                add(sub, node.lineno)
     return found
 
 
@@ -151,7 +158,7 @@ def test_the_import_rules(tmp_path):
     assert _imports("floss.pkg.base", source, modules) == {"floss.pkg": 2, "floss.pkg.sub": 2,
                                                            "floss.pkg.sibling": 3, "floss.other": 5, "floss.top": 6}
     graph = _graph()
-    assert {"floss.cache", "floss.models", "floss.models.base", "floss.pipeline"} <= set(graph)
+    assert {"floss.data.cache", "floss.models", "floss.models.base", "floss.pipeline"} <= set(graph)
     assert "floss.protocol" in graph["floss.cli"]           # a lazy import in the real package
     assert _circles({"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1}, "d": {"a": 1}}) == [frozenset("abc")]
 
@@ -181,19 +188,67 @@ def test_no_module_over_400_lines_but_the_known_ones():
                       f"tests/test_structure.py: {gone}\n{report}")
 
 
-def test_models_never_import_the_layers_above_them():
+def _layer(module: str) -> int:
+    if module in TOP:
+        return len(LAYERS)
+    for i, layer in enumerate(LAYERS):
+        if module == layer or module.startswith(layer + "."):
+            return i
+    raise AssertionError(f"{module} belongs to no layer: move it into one of {LAYERS} (tests/test_structure.py)")
+
+
+def test_every_module_belongs_to_a_layer_with_a_docstring():
     graph = _graph()
-    bad = []
-    for start in sorted(m for m in graph if m == "floss.models" or m.startswith("floss.models.")):
-        chain = {start: [start]}            # breadth-first: the shortest import chain to every reachable module
-        todo = [start]
-        while todo:
-            node = todo.pop(0)
-            for child in sorted(graph[node]):
-                if child not in chain:
-                    chain[child] = chain[node] + [child]
-                    todo.append(child)
-        bad += [" -> ".join(path) for target, path in chain.items()
-                if any(target == above or target.startswith(above + ".") or target.startswith(above + "_")
-                       for above in ABOVE_MODELS)]
-    assert not bad, "floss.models modules import the layers above them:\n" + "\n".join(bad)
+    for module in graph:
+        _layer(module)
+    for layer in LAYERS:
+        init = PACKAGE.parent / layer.replace(".", "/") / "__init__.py"
+        doc = ast.get_docstring(ast.parse(init.read_text()))
+        assert doc and "import" in doc, f"{init}: the package docstring must say what it owns and may import"
+
+
+def test_no_import_from_a_lower_layer_up():
+    graph = _graph()
+    modules = _modules()
+    bad = [f"{a} ({LAYERS[_layer(a)]}) imports {b} ({(LAYERS + ('floss',))[_layer(b)]}) at "
+           f"{modules[a].relative_to(PACKAGE.parent)}:{line}"
+           for a in sorted(graph) if a not in TOP for b, line in sorted(graph[a].items()) if _layer(b) > _layer(a)]
+    assert not bad, "imports from a lower layer up:\n" + "\n".join(bad)
+
+
+def test_the_layer_rule_catches_an_upward_import(tmp_path):
+    """The rule itself: a data module importing the pipeline, or any module importing the facade, is refused."""
+    assert _layer("floss.data.cache") < _layer("floss.pipeline.params") < _layer("floss")
+    assert _layer("floss.core.kernels.fused") == _layer("floss.core")
+    source = tmp_path / "bad.py"
+    source.write_text("from floss.pipeline.params import load_params\nfrom floss import __version__\n")
+    modules = {"floss": tmp_path, "floss.pipeline.params": tmp_path, "floss.data.bad": tmp_path}
+    found = _imports("floss.data.bad", source, modules)
+    assert [b for b in found if _layer(b) > _layer("floss.data.bad")] == ["floss.pipeline.params", "floss"]
+
+
+def test_reading_caches_never_imports_open_clip():
+    """The pipeline's stages that only read caches (rank/evaluate from a cache, transfer, metrics, the report) pay
+    for torch but not for open_clip (about 3 s per process): models are imported when one is built."""
+    import subprocess
+    import sys
+    code = ("import sys, floss.pipeline, floss.pipeline.features, floss.pipeline.evaluate, floss.protocol, "
+            "floss.protocol.experiments, floss.report.analysis, floss.data.synthetic, floss.models\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'open_clip'))\n"
+            "print(floss.models.authors_precision('naclip'), 'open_clip' in sys.modules)")   # built: imported
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.split("\n")[:2] == ["[]", "fp16 True"], run.stdout
+
+
+def test_open_clip_data_is_open_clips_own():
+    """The constants read from open_clip's files without importing it equal the imported package's."""
+    import open_clip.constants
+    import open_clip.zero_shot_metadata
+
+    from floss.core.templates import IMAGENET_TEMPLATES
+    from floss.models.preprocess import CLIP_MEAN, CLIP_STD
+    from floss.util.open_clip_data import data_module
+    assert data_module("constants") is not open_clip.constants          # read on its own, not imported
+    assert (CLIP_MEAN, CLIP_STD) == (open_clip.constants.OPENAI_DATASET_MEAN, open_clip.constants.OPENAI_DATASET_STD)
+    templates = open_clip.zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES
+    assert IMAGENET_TEMPLATES == tuple(t("{}") if callable(t) else t for t in templates)

@@ -5,9 +5,9 @@ import logging
 import pytest
 import torch
 
-from floss.cache import FeatureCache
-from floss.classes import CLASS_NAMES, ranking_keys
-from floss.synthetic import planted_experts, synthetic_settings, write_synthetic_cache
+from floss.data.cache import FeatureCache
+from floss.core.classes import CLASS_NAMES, ranking_keys
+from floss.data.synthetic import planted_experts, synthetic_settings, write_synthetic_cache
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -51,7 +51,7 @@ def test_cache_is_real_format_with_planted_truth(caches):
 
 def test_entropy_ranking_recovers_planted_experts_and_floss_beats_baseline(caches):
     from floss.protocol import evaluate_cache, rank_cache
-    from floss.rankings import select_experts
+    from floss.core.rankings import select_experts
 
     train, val = caches
     stats = rank_cache(train, metrics=("entropy",), progress=False)
@@ -87,7 +87,7 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path, caplog):
     before = shard_bytes(a)
     write_synthetic_cache(a, "naclip", "pascalvoc20", "val", num_images=3, seed=5)
     assert shard_bytes(a) == before
-    with caplog.at_level(logging.INFO, logger="floss.cache"):
+    with caplog.at_level(logging.INFO, logger="floss.data.cache"):
         write_synthetic_cache(a, "naclip", "pascalvoc20", "val", num_images=4, seed=5)
     assert "num_images" in caplog.text and "extracting every image again" in caplog.text
     write_synthetic_cache(tmp_path / "d", "naclip", "pascalvoc20", "val", num_images=4, seed=5)

@@ -4,10 +4,10 @@ import json
 import pytest
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
-from floss.classes import (CLASS_NAMES, DATASETS, MODELS, RANKING_DATASETS, TRANSFER_DATASETS, class_names,
+from floss.core.classes import (CLASS_NAMES, DATASETS, MODELS, RANKING_DATASETS, TRANSFER_DATASETS, class_names,
                            query_groups, query_names, ranking_keys, rankings_dataset)
-from floss.paths import SHARED
-from floss.templates import IMAGENET_TEMPLATES, NUM_TEMPLATES, check_template_ids, prompt
+from floss.util.paths import SHARED
+from floss.core.templates import IMAGENET_TEMPLATES, NUM_TEMPLATES, check_template_ids, prompt
 
 RANKINGS = SHARED / "reference" / "authors" / "rankings"
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from floss.classes import query_names
-from floss.templates import IMAGENET_TEMPLATES
-from floss.text import averaged_classifier, expand_experts_to_queries, expert_classifiers, template_embeddings
+from floss.core.classes import query_names
+from floss.core.templates import IMAGENET_TEMPLATES
+from floss.core.text import averaged_classifier, expand_experts_to_queries, expert_classifiers, template_embeddings
 
 D = 8
 

@@ -5,18 +5,19 @@ pretrained=None, checkpoint=None, device="cpu", ...)`` builds a model (GEM also 
 ``ss_attn_iter``, ``ss_attn_temp`` and ``transform="clearclip" | "gem"``); ``register_model(name, factory)``
 adds a user's own. Each model's ``extract(image, settings)`` applies the evaluation protocol of
 :func:`settings_for`.
+
+Layer 2: the models (on open_clip; imported on first use). :mod:`~floss.models.base` (interface, protocol
+settings, registry), :mod:`~floss.models.preprocess` (mmcv/mmseg resize and windows), :mod:`~floss.models.backbone`
+(open_clip loading), :mod:`~floss.models.matrix` (the paper's model matrix). May import: :mod:`floss.util`,
+:mod:`floss.core`, torch, open_clip. Never data, protocol, the CLI or the pipeline.
 """
 from __future__ import annotations
 
-from floss.model_matrix import MATRIX_MODELS, base_model
+import importlib
+
+from floss.models.matrix import MATRIX_MODELS, base_model
 from floss.models.base import (DenseModel, ImageFeatures, ProtocolSettings, authors_precision, available_models,
                                create_model, register_model, settings_for)
-from floss.models.clearclip import ClearCLIP
-from floss.models.clipdinoiser import CLIPDINOiser
-from floss.models.gem import GEM
-from floss.models.maskclip import MaskCLIP
-from floss.models.naclip import NACLIP
-from floss.models.sclip import SCLIP
 
 __all__ = ["DenseModel", "ImageFeatures", "ProtocolSettings", "settings_for", "register_model", "create_model",
            "available_models", "authors_precision", "OFFICIAL_WEIGHTS", "official_weights", "MaskCLIP", "CLIPDINOiser",
@@ -40,38 +41,37 @@ def _no_checkpoint(model: str, checkpoint) -> None:
         raise ValueError(f"checkpoint: {model} takes no head checkpoint (only clipdinoiser), received {checkpoint!r}")
 
 
-def _maskclip(backbone=None, pretrained=None, checkpoint=None, device="cpu", **kw) -> MaskCLIP:
-    _no_checkpoint("maskclip", checkpoint)
-    return MaskCLIP(backbone, pretrained, device=device, **kw)
+#: the built-in models: name -> (module, class). Imported on first use, so the stages that only read caches never
+#: import open_clip (about 3 s per process).
+BUILT_IN: dict[str, tuple[str, str]] = {
+    "maskclip": ("floss.models.maskclip", "MaskCLIP"), "clipdinoiser": ("floss.models.clipdinoiser", "CLIPDINOiser"),
+    "naclip": ("floss.models.naclip", "NACLIP"), "sclip": ("floss.models.sclip", "SCLIP"),
+    "clearclip": ("floss.models.clearclip", "ClearCLIP"), "gem": ("floss.models.gem", "GEM"),
+}
 
 
-def _clipdinoiser(backbone=None, pretrained=None, checkpoint=None, device="cpu", **kw) -> CLIPDINOiser:
-    return CLIPDINOiser(backbone, pretrained, checkpoint, device=device, **kw)
+def _model_class(name: str) -> type[DenseModel]:
+    module, cls = BUILT_IN[name]
+    return getattr(importlib.import_module(module), cls)
 
 
-def _naclip(backbone=None, pretrained=None, checkpoint=None, device="cpu", **kw) -> NACLIP:
-    _no_checkpoint("naclip", checkpoint)
-    return NACLIP(backbone, pretrained, device=device, **kw)
+def __getattr__(attr: str):
+    """The model classes (``floss.models.NACLIP`` ...), imported on first use."""
+    for name, (_, cls) in BUILT_IN.items():
+        if cls == attr:
+            return _model_class(name)
+    raise AttributeError(f"module 'floss.models' has no attribute {attr!r}")
 
 
-def _sclip(backbone=None, pretrained=None, checkpoint=None, device="cpu", **kw) -> SCLIP:
-    _no_checkpoint("sclip", checkpoint)
-    return SCLIP(backbone, pretrained, device=device, **kw)
+def _factory(name: str):
+    def build(backbone=None, pretrained=None, checkpoint=None, device="cpu", **kw) -> DenseModel:
+        if name == "clipdinoiser":          # the only model with a head checkpoint
+            return _model_class(name)(backbone, pretrained, checkpoint, device=device, **kw)
+        _no_checkpoint(name, checkpoint)
+        return _model_class(name)(backbone, pretrained, device=device, **kw)
+    build.__name__ = f"build_{name}"
+    return build
 
 
-def _clearclip(backbone=None, pretrained=None, checkpoint=None, device="cpu", **kw) -> ClearCLIP:
-    _no_checkpoint("clearclip", checkpoint)
-    return ClearCLIP(backbone, pretrained, device=device, **kw)
-
-
-def _gem(backbone=None, pretrained=None, checkpoint=None, device="cpu", **kw) -> GEM:
-    _no_checkpoint("gem", checkpoint)
-    return GEM(backbone, pretrained, device=device, **kw)
-
-
-register_model("maskclip", _maskclip)
-register_model("clipdinoiser", _clipdinoiser)
-register_model("naclip", _naclip, authors_precision=NACLIP.authors_precision)
-register_model("sclip", _sclip, authors_precision=SCLIP.authors_precision)
-register_model("clearclip", _clearclip, authors_precision=ClearCLIP.authors_precision)
-register_model("gem", _gem, authors_precision=GEM.authors_precision)
+for _name in BUILT_IN:
+    register_model(_name, _factory(_name), authors_precision=lambda _name=_name: _model_class(_name).authors_precision)

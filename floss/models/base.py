@@ -219,7 +219,7 @@ class DenseModel(abc.ABC):
     patch_size: int
     device: torch.device = torch.device("cpu")
     #: the precision the original implementation runs in on CUDA ("fp16" for OpenAI-loader models like NACLIP);
-    #: ``precision="auto"`` resolves to it on CUDA and to fp32 on CPU (floss.extraction.resolve_precision)
+    #: ``precision="auto"`` resolves to it on CUDA and to fp32 on CPU (floss.protocol.extraction.resolve_precision)
     authors_precision: str = "fp32"
     precision: str = "fp32"
     pad_to_patch: bool = False
@@ -282,21 +282,23 @@ class DenseModel(abc.ABC):
 
 # ---------------------------------------------------------------------------------------------- registry
 _REGISTRY: dict[str, Callable[..., DenseModel]] = {}
-_PRECISION: dict[str, str] = {}
+_PRECISION: dict[str, str | Callable[[], str]] = {}
+_PRECISIONS = ("fp32", "fp16")
 
 
 def register_model(name: str, factory: Callable[..., DenseModel], *, overwrite: bool = False,
-                   authors_precision: str = "fp32") -> None:
+                   authors_precision: str | Callable[[], str] = "fp32") -> None:
     """Register ``factory(**kwargs) -> DenseModel`` under ``name`` (``overwrite=True`` to replace).
 
-    ``authors_precision`` is the precision the original runs in on CUDA (``precision="auto"`` picks it there)."""
+    ``authors_precision`` is the precision the original runs in on CUDA (``precision="auto"`` picks it there), or
+    a function returning it (the built-in models read it from their class, imported only when asked)."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"name: expected a non-empty string, received {name!r}")
     if not callable(factory):
         raise TypeError(f"factory: expected a callable returning a DenseModel, received {type(factory).__name__}")
     if name in _REGISTRY and not overwrite:
         raise ValueError(f"model {name!r} is already registered; pass overwrite=True to replace it")
-    if authors_precision not in ("fp32", "fp16"):
+    if not callable(authors_precision) and authors_precision not in _PRECISIONS:
         raise ValueError(f"authors_precision: expected 'fp32' or 'fp16', received {authors_precision!r}")
     _REGISTRY[name] = factory
     _PRECISION[name] = authors_precision
@@ -306,7 +308,11 @@ def authors_precision(name: str) -> str:
     """The precision model ``name``'s original implementation runs in on CUDA (fp32 unless registered otherwise)."""
     if name not in _REGISTRY:
         raise ValueError(f"model: expected one of {available_models()}, received {name!r}")
-    return _PRECISION.get(name, "fp32")
+    precision = _PRECISION.get(name, "fp32")
+    precision = precision() if callable(precision) else precision
+    if precision not in _PRECISIONS:
+        raise ValueError(f"model {name!r}: authors_precision must be 'fp32' or 'fp16', received {precision!r}")
+    return precision
 
 
 def available_models() -> list[str]:

@@ -23,8 +23,9 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
+
+from floss.util.open_clip_data import data_module
 
 __all__ = [
     "CLIP_MEAN", "CLIP_STD", "rescale_size", "resize_image", "stretch_image", "image_to_unit_tensor",
@@ -33,8 +34,8 @@ __all__ = [
 ]
 
 #: OpenAI CLIP normalisation constants (used by MaskCLIP, CLIP-DINOiser and NACLIP alike)
-CLIP_MEAN: tuple[float, float, float] = tuple(OPENAI_DATASET_MEAN)
-CLIP_STD: tuple[float, float, float] = tuple(OPENAI_DATASET_STD)
+CLIP_MEAN: tuple[float, float, float] = tuple(data_module("constants").OPENAI_DATASET_MEAN)
+CLIP_STD: tuple[float, float, float] = tuple(data_module("constants").OPENAI_DATASET_STD)
 
 
 def _check_image(image) -> np.ndarray:
@@ -193,7 +194,7 @@ def prepare_image(image: np.ndarray, settings, pad_multiple: int | None = None) 
     """Resize (``settings.scale``), cut into windows (``settings.crop``/``stride``), pad and normalise, on CPU.
 
     The model-independent half of :meth:`floss.models.DenseModel.extract`; it runs in DataLoader workers so that
-    decoding and resizing overlap with the encoder (:mod:`floss.extraction`)."""
+    decoding and resizing overlap with the encoder (:mod:`floss.protocol.extraction`)."""
     image = _check_image(image)
     if getattr(settings, "resize", "keep_ratio") == "stretch_bicubic":
         resized = stretch_image(image, settings.scale)

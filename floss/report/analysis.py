@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from floss.rankings import expert_quality, experts_overlap, ranking_key, select_experts, true_experts
+from floss.core.rankings import expert_quality, experts_overlap, ranking_key, select_experts, true_experts
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def _tensors(iou: pd.DataFrame, baseline: pd.Series, class_names: Sequence[str])
 
 def quality_per_class(experts: Sequence[Sequence[int]], iou: pd.DataFrame, baseline: pd.Series,
                       class_names: Sequence[str]) -> tuple[pd.Series, float]:
-    """Eq. 8 per class (%) and its mean (Table 2, Figs. 10–11), via :func:`floss.rankings.expert_quality`."""
+    """Eq. 8 per class (%) and its mean (Table 2, Figs. 10–11), via :func:`floss.core.rankings.expert_quality`."""
     iou_t, base_t = _tensors(iou, baseline, class_names)
     quality, mean = expert_quality(experts, iou_t, base_t)
     return pd.Series(quality.numpy(), index=list(class_names), name="rho_hat"), mean
@@ -243,7 +243,7 @@ def load_authors_top4(root, model: str, dataset: str) -> dict[str, list[int]] | 
 
 def overlap_table(authors: Mapping[str, Sequence[int]], ours: Mapping[str, Sequence[int]],
                   class_names: Sequence[str] | None = None) -> pd.DataFrame:
-    """Per class: the authors' experts, ours, and ``|∩|`` (via :func:`floss.rankings.experts_overlap`).
+    """Per class: the authors' experts, ours, and ``|∩|`` (via :func:`floss.core.rankings.experts_overlap`).
 
     Class names are matched ignoring spaces (NACLIP spells them without spaces)."""
     def norm(name: str) -> str:

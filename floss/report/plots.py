@@ -19,8 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from floss import paths  # noqa: E402
-from floss._io import atomic_write  # noqa: E402
+from floss.util import paths  # noqa: E402
+from floss.util.io import atomic_write  # noqa: E402
 from floss.report.tables import DEMO_MARK  # noqa: E402
 
 logger = logging.getLogger(__name__)

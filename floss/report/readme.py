@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from floss import paths
+from floss.util import paths
 from floss.report.tables import atomic_write_text
 
 _BLOCK = re.compile(r"(<!-- generated:(?P<path>[^ ]+) -->\n)(?P<body>.*?)(<!-- /generated -->)", re.S)

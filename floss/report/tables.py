@@ -14,8 +14,8 @@ from typing import Mapping, Sequence
 
 import pandas as pd
 
-from floss._io import atomic_write_text
-from floss import paths
+from floss.util.io import atomic_write_text
+from floss.util import paths
 
 logger = logging.getLogger(__name__)
 
