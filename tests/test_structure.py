@@ -1,28 +1,47 @@
 """The package's structure shows its architecture (issue "One house, no circles"): no import circle among floss
 modules, no module over 400 lines, and no import from a lower layer to a higher one (``LAYERS``, bottom to top:
-each sub-package's docstring says what it owns and may import).
+each sub-package's docstring says what it owns and may import); and the layer diagram of docs/architecture.md is
+the one the code's imports give.
 
-Every module under ``floss/`` is parsed with ``ast`` (nothing is imported). Dependencies are every ``import`` and
-``from ... import`` of a floss module anywhere in the file, including inside functions (a lazy import is still a
-dependency): ``from floss.x import y`` depends on ``floss.x`` and, when ``y`` is a submodule, on ``floss.x.y``;
-``import floss.x.y`` depends on ``floss.x.y``; relative imports are resolved; ``from floss import cli`` depends on
-``floss.cli`` only (the facade ``floss/__init__.py`` imports nothing eagerly). So a submodule that imports from its
-own package (``from floss.models import X`` inside ``floss/models/``) depends on the package's ``__init__``,
-which imports the submodule back: a circle.
+The import graph, ``LAYERS`` and the diagram live in ``tools/import_graph.py`` (a development tool, not part of the
+package), shared by these tests and the diagram's generator. Every module under ``floss/`` is parsed with ``ast``
+(nothing is imported). Dependencies are every ``import`` and ``from ... import`` of a floss module anywhere in the
+file, including inside functions (a lazy import is still a dependency): ``from floss.x import y`` depends on
+``floss.x`` and, when ``y`` is a submodule, on ``floss.x.y``; ``import floss.x.y`` depends on ``floss.x.y``;
+relative imports are resolved; ``from floss import cli`` depends on ``floss.cli`` only (the facade
+``floss/__init__.py`` imports nothing eagerly). So a submodule that imports from its own package (``from
+floss.models import X`` inside ``floss/models/``) depends on the package's ``__init__``, which imports the
+submodule back: a circle.
 
 The known exceptions are exact ratchets: the test fails when a new circle or an over-long module appears *and*
 when a listed one is gone (then delete it from the list), so the lists can only shrink. The package analysed is
-the one ``import floss`` finds (``PYTHONPATH=<another checkout> pytest tests/test_structure.py`` checks that one).
+the one ``import floss`` finds (``PYTHONPATH=<another checkout> pytest tests/test_structure.py`` checks that one);
+the diagram is checked against this checkout's package and docs/architecture.md.
 """
 from __future__ import annotations
 
 import ast
+import importlib.util
+import sys
 from pathlib import Path
 
 import floss
 
 PACKAGE = Path(floss.__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[1]
 MAX_LINES = 400
+
+
+def _load_tool():
+    """tools/import_graph.py of this checkout, loaded by path (``tools/`` is not a package on sys.path)."""
+    spec = importlib.util.spec_from_file_location("import_graph", REPO / "tools" / "import_graph.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("import_graph", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+import_graph = _load_tool()
 
 #: import circles that remain, each with why it cannot go yet (a set of the modules of one strongly connected
 #: component of the import graph)
@@ -31,108 +50,21 @@ KNOWN_CIRCLES: dict[frozenset[str], str] = {}
 #: modules over MAX_LINES lines that remain (paths relative to the repository root), each with why
 KNOWN_LARGE: dict[str, str] = {}
 
-#: the layers, bottom to top: a module may import its own layer and the ones below, never one above. The package
-#: ``floss`` itself (the public facade, names imported lazily from floss.core) and ``floss.__main__`` sit on top.
-LAYERS = ("floss.util", "floss.core", "floss.models", "floss.data", "floss.protocol", "floss.cli", "floss.report",
-          "floss.pipeline")
-TOP = ("floss", "floss.__main__")
+#: the layers, bottom to top (defined in tools/import_graph.py, which draws them): a module may import its own layer
+#: and the ones below, never one above; ``TOP`` (the facade ``floss`` and ``floss.__main__``) sits on top.
+LAYERS = import_graph.LAYERS
+TOP = import_graph.TOP
+_imports = import_graph.imports
+_circles = import_graph.circles
+_layer = import_graph.layer
 
 
 def _modules() -> dict[str, Path]:
-    out = {}
-    for path in sorted(PACKAGE.rglob("*.py")):
-        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
-        if parts[-1] == "__init__":
-            parts = parts[:-1]
-        out[".".join(parts)] = path
-    return out
-
-
-def _owner(name: str, modules: dict[str, Path]) -> str | None:
-    """The floss module ``name`` refers to: itself, or its longest prefix that is a module (``floss.x.attr``)."""
-    while name and name not in modules:
-        name = name.rpartition(".")[0]
-    return name or None
-
-
-def _imports(name: str, path: Path, modules: dict[str, Path]) -> dict[str, int]:
-    """floss modules that module ``name`` imports -> the first line that does."""
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found: dict[str, int] = {}
-
-    def add(target: str | None, line: int) -> None:
-        if target and target != name:
-            found.setdefault(target, line)
-
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            for alias in node.names:
-                if alias.name == "floss" or alias.name.startswith("floss."):
-                    add(_owner(alias.name, modules), node.lineno)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package
-                for _ in range(node.level - 1):
-                    base = base.rpartition(".")[0]
-                source = f"{base}.{node.module}" if node.module else base
-            else:
-                source = node.module or ""
-            if source != "floss" and not source.startswith("floss."):
-                continue
-            submodules = [f"{source}.{a.name}" for a in node.names if f"{source}.{a.name}" in modules]
-            # the facade's __init__ imports nothing eagerly: ``from floss import cli`` depends on floss.cli only
-            if source != "floss" or len(submodules) < len(node.names):
-                add(_owner(source, modules), node.lineno)
-            for sub in submodules:
-                add(sub, node.lineno)
-    return found
+    return import_graph.modules(PACKAGE)
 
 
 def _graph() -> dict[str, dict[str, int]]:
-    modules = _modules()
-    return {name: _imports(name, path, modules) for name, path in modules.items()}
-
-
-def _circles(graph: dict[str, dict[str, int]]) -> list[frozenset[str]]:
-    """The strongly connected components of more than one module (Tarjan's algorithm, iterative)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    on_stack: set[str] = set()
-    out = []
-    for root in sorted(graph):
-        if root in index:
-            continue
-        work = [(root, iter(sorted(graph[root])))]
-        index[root] = low[root] = len(index)
-        stack.append(root)
-        on_stack.add(root)
-        while work:
-            node, children = work[-1]
-            child = next(children, None)
-            if child is not None:
-                if child not in index:
-                    index[child] = low[child] = len(index)
-                    stack.append(child)
-                    on_stack.add(child)
-                    work.append((child, iter(sorted(graph[child]))))
-                elif child in on_stack:
-                    low[node] = min(low[node], index[child])
-                continue
-            work.pop()
-            if work:
-                low[work[-1][0]] = min(low[work[-1][0]], low[node])
-            if low[node] == index[node]:
-                members = set()
-                while True:
-                    top = stack.pop()
-                    on_stack.discard(top)
-                    members.add(top)
-                    if top == node:
-                        break
-                if len(members) > 1:
-                    out.append(frozenset(members))
-    return out
+    return import_graph.graph(PACKAGE)
 
 
 def _describe(circle: frozenset[str], graph: dict[str, dict[str, int]]) -> str:
@@ -188,15 +120,6 @@ def test_no_module_over_400_lines_but_the_known_ones():
                       f"tests/test_structure.py: {gone}\n{report}")
 
 
-def _layer(module: str) -> int:
-    if module in TOP:
-        return len(LAYERS)
-    for i, layer in enumerate(LAYERS):
-        if module == layer or module.startswith(layer + "."):
-            return i
-    raise AssertionError(f"{module} belongs to no layer: move it into one of {LAYERS} (tests/test_structure.py)")
-
-
 def test_every_module_belongs_to_a_layer_with_a_docstring():
     graph = _graph()
     for module in graph:
@@ -225,6 +148,33 @@ def test_the_layer_rule_catches_an_upward_import(tmp_path):
     modules = {"floss": tmp_path, "floss.pipeline.params": tmp_path, "floss.data.bad": tmp_path}
     found = _imports("floss.data.bad", source, modules)
     assert [b for b in found if _layer(b) > _layer("floss.data.bad")] == ["floss.pipeline.params", "floss"]
+
+
+def test_the_layer_diagram_counts_module_edges_between_layers():
+    """The diagram's arrows: one per pair of layers with imports, labelled with the number of module-level edges,
+    from the importing layer to the imported one; imports inside a layer are counted in its box."""
+    graph = {"floss.pipeline.a": {"floss.util.x": 1, "floss.util.y": 2, "floss.pipeline.b": 3},
+             "floss.pipeline.b": {"floss.core.z": 1}, "floss.util.x": {}, "floss.util.y": {"floss.util.x": 1},
+             "floss.core.z": {}}
+    assert import_graph.layer_edges(graph) == {(7, 0): 2, (7, 7): 1, (7, 1): 1, (0, 0): 1}
+    chart = import_graph.mermaid(graph)
+    assert chart.startswith("```mermaid\nflowchart TB\n") and "  L7 -->|2| L0" in chart and "  L7 -->|1| L1" in chart
+    assert "L7 -->|1| L7" not in chart and "a · b" in chart and "imports inside: 1" in chart
+
+
+def test_the_layer_diagram_in_the_docs_is_current(tmp_path):
+    """docs/architecture.md opens with the diagram tools/import_graph.py draws from this checkout's imports (the
+    block between its markers); the generator resolves its paths from the repository root, not the cwd."""
+    import subprocess
+
+    doc = (REPO / "docs" / "architecture.md").read_text()
+    fix = "run: python tools/import_graph.py --write docs/architecture.md"
+    assert import_graph.BEGIN in doc and import_graph.END in doc, f"docs/architecture.md has no diagram block: {fix}"
+    assert doc.index(import_graph.BEGIN) < doc.index("\n## One image"), "the diagram must open docs/architecture.md"
+    assert import_graph.embedded(doc) == import_graph.block(REPO / "floss"), f"the layer diagram is stale: {fix}"
+    run = subprocess.run([sys.executable, str(REPO / "tools" / "import_graph.py"), "--check", "docs/architecture.md"],
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
 
 
 def test_reading_caches_never_imports_open_clip():
