@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping, Sequence
 
 from floss.util import paths
 from floss.models.matrix import base_model
@@ -19,6 +19,40 @@ from floss.models.matrix import base_model
 
 def _device(value: str) -> str | None:
     return None if value == "auto" else value
+
+
+def stage_workers(params: Mapping, device: str | None) -> int:
+    """Processes a stage spreads its independent jobs (datasets) over: ``cpu_workers`` (0 = as many as the CPU
+    count allows at ``cpu_threads`` threads each) on CPU, 1 on CUDA (one device; its kernels are the parallelism).
+    Every job computes and writes its own files exactly as alone, so the count never changes a result."""
+    import torch
+    on_cuda = device.startswith("cuda") if device else torch.cuda.is_available()
+    if on_cuda:
+        return 1
+    workers = int(params.get("cpu_workers", 0) or 0)
+    if workers:
+        return workers
+    return max(1, (os.cpu_count() or 1) // max(1, int(params.get("cpu_threads", 0) or 1)))
+
+
+def _call(job: tuple) -> None:
+    fn, args = job
+    fn(*args)
+
+
+def run_jobs(fn: Callable[..., None], jobs: Sequence[tuple], workers: int) -> None:
+    """``fn(*job)`` for every job: in this process when ``workers <= 1`` or one job, else in ``workers`` forked
+    processes (they inherit the imported modules, so none pays the imports again). A failing job raises here."""
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            fn(*job)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)),
+                             mp_context=multiprocessing.get_context("fork")) as pool:
+        for _ in pool.map(_call, [(fn, tuple(job)) for job in jobs]):
+            pass
 
 
 def cache_dir(model: str, dataset: str, split: str) -> Path:

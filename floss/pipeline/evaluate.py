@@ -14,7 +14,7 @@ from typing import Mapping
 from floss.util import paths
 from floss.util.io import atomic_write_json
 from floss.models.matrix import base_model
-from floss.pipeline.common import _device, _select, cache_dir, rankings_path
+from floss.pipeline.common import _device, _select, cache_dir, rankings_path, run_jobs, stage_workers
 
 logger = logging.getLogger("floss.pipeline")   # the stages log under the pipeline's name (as before the split)
 
@@ -52,10 +52,12 @@ def _evaluate_into(params: Mapping, model: str, cache_path: Path, experts, out: 
 
 
 def stage_evaluate(params: Mapping, model: str, dataset: str | None = None) -> None:
-    """Baseline, FLOSS (every fusion) and per-template mIoU on the val caches -> results/eval/<model>/."""
-    for d, _ in _select([(d, "val") for d in params["models"][model]], dataset):
-        _evaluate_into(params, model, cache_dir(model, d, "val"), _experts(params, model, d),
-                       paths.ROOT / "results" / "eval" / model / f"{d}.json", params["evaluate"]["per_template"])
+    """Baseline, FLOSS (every fusion) and per-template mIoU on the val caches -> results/eval/<model>/ (one job per
+    dataset, spread over :func:`~floss.pipeline.common.stage_workers` processes)."""
+    jobs = [(params, model, cache_dir(model, d, "val"), _experts(params, model, d),
+             paths.ROOT / "results" / "eval" / model / f"{d}.json", params["evaluate"]["per_template"])
+            for d, _ in _select([(d, "val") for d in params["models"][model]], dataset)]
+    run_jobs(_evaluate_into, jobs, stage_workers(params, _device(params["evaluate"]["device"])))
 
 
 def stage_transfer(params: Mapping, model: str | None = None) -> None:
@@ -63,11 +65,12 @@ def stage_transfer(params: Mapping, model: str | None = None) -> None:
     ``results/transfer/index.json`` (what was run; the folder exists even when ``transfer`` is empty)."""
     models = params["transfer"]["models"] if model is None else [model]
     datasets = params["transfer"]["datasets"] if models else []
+    jobs = []
     for m in models:
         experts = _experts(params, m, "cityscapes")
-        for d in datasets:
-            _evaluate_into(params, m, cache_dir(m, d, "val"), experts,
-                           paths.ROOT / "results" / "transfer" / m / f"{d}.json", per_template=False)
+        jobs += [(params, m, cache_dir(m, d, "val"), experts, paths.ROOT / "results" / "transfer" / m / f"{d}.json",
+                  False) for d in datasets]
+    run_jobs(_evaluate_into, jobs, stage_workers(params, _device(params["evaluate"]["device"])))
     atomic_write_json(paths.ROOT / "results" / "transfer" / "index.json", {"models": models, "datasets": datasets})
 
 

@@ -19,7 +19,7 @@ from floss.util import paths
 from floss.models.matrix import base_model
 from floss.pipeline.common import (_caches_of, _device, _rank_state, _select, _text_cache, cache_dir,
                                    load_checkpoint_path, load_pipeline_model, rankings_path, ranks_from_cache,
-                                   torchrun_command)
+                                   run_jobs, stage_workers, torchrun_command)
 
 logger = logging.getLogger("floss.pipeline")   # the stages log under the pipeline's name (as before the split)
 
@@ -112,45 +112,55 @@ def _extract_real(params: Mapping, model: str, todo: list[tuple[str, str]], data
 def stage_rank(params: Mapping, model: str, dataset: str | None = None) -> None:
     """Rank the 80 templates on the train split: rankings JSON (authors' schema, one per metric; entropy keeps the
     authors' file name) and the TemplateStats (results/stats; with per-image records for the ``low_data``
-    pairs). From the train caches (demo, ``rank.source: cache``) or straight from the train images."""
-    from floss.core.classes import ranking_keys
-    from floss.protocol import rank_cache
-    from floss.core.rankings import save_rankings
-
-    metrics = params["rank"]["metrics"]
-    low = params.get("low_data", {})
+    pairs). From the train caches (demo, ``rank.source: cache``; one job per dataset, spread over
+    :func:`~floss.pipeline.common.stage_workers` processes) or straight from the train images."""
     datasets = [d for d, _ in _select([(d, "train") for d in params["models"][model]], dataset)]
     if ranks_from_cache(params):
-        from floss.data.cache import FeatureCache
-        stats = {}
-        for d in datasets:
-            cache = FeatureCache(cache_dir(model, d, "train"))
-            # per-image records double the cost: only for the pairs of the low-data analysis (Fig. 3)
-            track = model == low.get("model") and d in low.get("datasets", ())
-            stats[d] = rank_cache(cache, metrics=metrics, track_images=track,
-                                  device=_device(params["rank"]["device"]))
-    else:
-        stats = _rank_from_images(params, model, datasets, dataset)
-        if stats is None:        # a torchrun rank other than 0: rank 0 writes the results
-            return
+        run_jobs(_rank_cache_into, [(params, model, d) for d in datasets],
+                 stage_workers(params, _device(params["rank"]["device"])))
+        return
+    stats = _rank_from_images(params, model, datasets, dataset)
+    if stats is None:        # a torchrun rank other than 0: rank 0 writes the results
+        return
     for d, st in stats.items():
-        keys = ranking_keys(d, base_model(model))
-        skipped = (st.extra or {}).get("skipped")        # ranked from images: how many were left out
-        for metric in metrics:
-            path = rankings_path(model, d)
-            if metric != "entropy":
-                path = path.with_name(f"template_rankings_{model}_{d}.{metric}.json")
-            rankings = st.rankings(keys, metric=metric, model=model, dataset=d, split="train")
-            if skipped is not None:
-                rankings["images"], rankings["skipped_images"] = st.num_images, len(skipped)
-            save_rankings(rankings, path, metric)
+        _write_ranking(params, model, d, st)
+
+
+def _rank_cache_into(params: Mapping, model: str, dataset: str) -> None:
+    from floss.data.cache import FeatureCache
+    from floss.protocol import rank_cache
+
+    cache = FeatureCache(cache_dir(model, dataset, "train"))
+    low = params.get("low_data", {})
+    # per-image records double the cost: only for the pairs of the low-data analysis (Fig. 3)
+    track = model == low.get("model") and dataset in low.get("datasets", ())
+    st = rank_cache(cache, metrics=params["rank"]["metrics"], track_images=track,
+                    device=_device(params["rank"]["device"]))
+    _write_ranking(params, model, dataset, st)
+
+
+def _write_ranking(params: Mapping, model: str, d: str, st) -> None:
+    """The rankings JSON of every metric and the statistics of ``model`` on dataset ``d``."""
+    from floss.core.classes import ranking_keys
+    from floss.core.rankings import save_rankings
+
+    keys = ranking_keys(d, base_model(model))
+    skipped = (st.extra or {}).get("skipped")        # ranked from images: how many were left out
+    for metric in params["rank"]["metrics"]:
+        path = rankings_path(model, d)
+        if metric != "entropy":
+            path = path.with_name(f"template_rankings_{model}_{d}.{metric}.json")
+        rankings = st.rankings(keys, metric=metric, model=model, dataset=d, split="train")
         if skipped is not None:
-            from floss.protocol.extraction import write_skipped_report
-            write_skipped_report(skipped, rankings_path(model, d).with_suffix(".skipped.json"))
-        stats_path = paths.ROOT / "results" / "stats" / model / f"{d}.safetensors"
-        stats_path.parent.mkdir(parents=True, exist_ok=True)      # DVC deletes outs before the stage runs
-        st.save(stats_path)
-        logger.info("ranked %s/%s on %d train images", model, d, st.num_images)
+            rankings["images"], rankings["skipped_images"] = st.num_images, len(skipped)
+        save_rankings(rankings, path, metric)
+    if skipped is not None:
+        from floss.protocol.extraction import write_skipped_report
+        write_skipped_report(skipped, rankings_path(model, d).with_suffix(".skipped.json"))
+    stats_path = paths.ROOT / "results" / "stats" / model / f"{d}.safetensors"
+    stats_path.parent.mkdir(parents=True, exist_ok=True)      # DVC deletes outs before the stage runs
+    st.save(stats_path)
+    logger.info("ranked %s/%s on %d train images", model, d, st.num_images)
 
 
 def _rank_from_images(params: Mapping, model: str, datasets: list[str], dataset: str | None):

@@ -108,6 +108,8 @@ def validate_params(params: Any, *, check_paths: bool = True) -> dict:
 
     if "cpu_threads" in params:
         _int(params, "cpu_threads", 0, 1024)
+    if "cpu_workers" in params:
+        _int(params, "cpu_workers", 0, 1024)
 
     a = _section(params, "authors")
     if not isinstance(a["url"], str) or not a["url"].startswith(("http://", "https://")):
