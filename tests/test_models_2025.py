@@ -502,3 +502,18 @@ def test_registry_of_the_new_models(tmp_path, tiny_quickgelu_config):
     assert authors_precision("gem") == "fp32"
     assert create_model("gem_quoted", backbone=TINY_12, pretrained="none").ignore_residual
     assert not create_model("gem", backbone=TINY_12, pretrained="none").ignore_residual
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 runs only on CUDA")
+@pytest.mark.parametrize("model", ["resclip", "scclip", "gem_quoted"])
+def test_fp16_on_cuda_matches_fp32(tmp_path, model):
+    torch.manual_seed(0)
+    path = tmp_path / "tiny.pt"
+    torch.save(create_model(model, backbone=TINY_12, pretrained="none").clip.state_dict(), path)
+    m16 = create_model(model, backbone=TINY_12, pretrained=str(path), device="cuda", precision="fp16")
+    m32 = create_model(model, backbone=TINY_12, pretrained=str(path), device="cuda")
+    img = np.random.default_rng(6).integers(0, 256, (240, 240, 3), dtype=np.uint8)
+    s16, s = m16.protocol_settings("ade20k"), m32.protocol_settings("ade20k")     # (ResCLIP: configures)
+    a, b = m16.extract(img, s), m32.extract(img, s)
+    assert a.feats.dtype == torch.float32 and a.feats.device.type == "cuda" and s16.logits_fp16
+    assert (a.feats * b.feats).sum(1).min() > 0.99                  # cosine of fp16 vs fp32 features
