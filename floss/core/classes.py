@@ -91,11 +91,13 @@ TRANSFER_DATASETS: dict[str, str] = {name: "cityscapes" for name in (
 #: every dataset name known to :data:`CLASS_NAMES`
 DATASETS: tuple[str, ...] = RANKING_DATASETS + tuple(TRANSFER_DATASETS)
 #: the models whose class-name conventions are known; ``None`` in the functions = plain METAINFO names
-MODELS: tuple[str, ...] = ("maskclip", "clipdinoiser", "naclip", "sclip", "clearclip", "gem")
+MODELS: tuple[str, ...] = ("maskclip", "clipdinoiser", "naclip", "sclip", "clearclip", "gem", "resclip", "scclip",
+                           "gem_quoted")
 #: models prompting (and keying their rankings with) the names without spaces
-UNSPACED_MODELS: tuple[str, ...] = ("naclip", "sclip", "clearclip", "gem")
+UNSPACED_MODELS: tuple[str, ...] = ("naclip", "sclip", "clearclip", "gem", "resclip", "scclip", "gem_quoted")
 #: models whose VOC20 queries are NACLIP's synonym lines (the others of UNSPACED_MODELS: one word per class)
-VOC20_SYNONYM_MODELS: tuple[str, ...] = ("naclip", "sclip")
+#: (ResCLIP and SC-CLIP ship NACLIP's / SCLIP's class files byte for byte, OVSS-models-2025 §0)
+VOC20_SYNONYM_MODELS: tuple[str, ...] = ("naclip", "sclip", "resclip", "scclip")
 
 _METAINFO = {"cityscapes": _CITYSCAPES, "pascalvoc20": _PASCALVOC20, "pascalco59": _PASCALCO59,
              "ade20k": _ADE20K, "cocostuff": _COCOSTUFF}

@@ -1,8 +1,9 @@
 """Dense open-vocabulary models behind one interface (:class:`DenseModel`) and a registry.
 
-``create_model("maskclip" | "clipdinoiser" | "naclip" | "sclip" | "clearclip" | "gem", backbone=None,
-pretrained=None, checkpoint=None, device="cpu", ...)`` builds a model (GEM also takes ``depth``,
-``ss_attn_iter``, ``ss_attn_temp`` and ``transform="clearclip" | "gem"``); ``register_model(name, factory)``
+``create_model("maskclip" | "clipdinoiser" | "naclip" | "sclip" | "clearclip" | "gem" | "gem_quoted" | "resclip" |
+"scclip", backbone=None, pretrained=None, checkpoint=None, device="cpu", ...)`` builds a model (GEM also takes
+``depth``, ``ss_attn_iter``, ``ss_attn_temp``, ``transform="clearclip" | "gem"`` and ``ignore_residual``; ResCLIP
+``base``, ``dataset``, ``use_rcs``, ``use_sfr`` ...; SC-CLIP ``detector="lof" | "norm"``); ``register_model(name, factory)``
 adds a user's own. Each model's ``extract(image, settings)`` applies the evaluation protocol of
 :func:`settings_for`.
 
@@ -21,7 +22,7 @@ from floss.models.base import (DenseModel, ImageFeatures, ProtocolSettings, auth
 
 __all__ = ["DenseModel", "ImageFeatures", "ProtocolSettings", "settings_for", "register_model", "create_model",
            "available_models", "authors_precision", "OFFICIAL_WEIGHTS", "official_weights", "MaskCLIP", "CLIPDINOiser",
-           "NACLIP", "SCLIP", "ClearCLIP", "GEM"]
+           "NACLIP", "SCLIP", "ClearCLIP", "GEM", "GEMQuoted", "ResCLIP", "SCCLIP"]
 
 
 #: the (backbone, weights) pairs the published numbers come from, as a cache fingerprint records them
@@ -47,6 +48,8 @@ BUILT_IN: dict[str, tuple[str, str]] = {
     "maskclip": ("floss.models.maskclip", "MaskCLIP"), "clipdinoiser": ("floss.models.clipdinoiser", "CLIPDINOiser"),
     "naclip": ("floss.models.naclip", "NACLIP"), "sclip": ("floss.models.sclip", "SCLIP"),
     "clearclip": ("floss.models.clearclip", "ClearCLIP"), "gem": ("floss.models.gem", "GEM"),
+    "gem_quoted": ("floss.models.gem", "GEMQuoted"), "resclip": ("floss.models.resclip", "ResCLIP"),
+    "scclip": ("floss.models.scclip", "SCCLIP"),
 }
 
 

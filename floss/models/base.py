@@ -3,7 +3,7 @@
 A dense model only supplies :meth:`DenseModel.encode_text` and :meth:`DenseModel.window_features`; the
 whole evaluation protocol (keep-ratio or stretched resize, sliding windows, optional padding, CLIP
 normalisation) is implemented once in :meth:`DenseModel.extract`, so a user's own model gets exactly the same
-treatment as MaskCLIP, CLIP-DINOiser, NACLIP, SCLIP, ClearCLIP and GEM.
+treatment as MaskCLIP, CLIP-DINOiser, NACLIP, SCLIP, ClearCLIP, GEM, ResCLIP and SC-CLIP.
 """
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ RESIZE_MODES = ("keep_ratio", "stretch_bicubic")
 DRIVING_DATASETS = ("cityscapes", "bdd", "acdc_night", "acdc_fog", "acdc_rain", "acdc_snow", "mapillary")
 KNOWN_DATASETS = ("pascalvoc20", "pascalco59", "ade20k", "cocostuff") + DRIVING_DATASETS
 #: models with a protocol table (``settings_for``)
-PROTOCOL_MODELS = ("maskclip", "clipdinoiser", "naclip", "sclip", "clearclip", "gem", "gem_448")
+PROTOCOL_MODELS = ("maskclip", "clipdinoiser", "naclip", "sclip", "clearclip", "gem", "gem_448", "gem_quoted", "resclip",
+                   "scclip")
 
 # CLIP-DINOiser dataset configs (shared by FLOSS's MaskCLIP): mmcv Resize scale per dataset
 _DINOISER_SCALES = {"cityscapes": (896, 448), "bdd": (1280, 448), "mapillary": (1920, 448),
@@ -43,6 +44,8 @@ _DINOISER_SCALES = {"cityscapes": (896, 448), "bdd": (1280, 448), "mapillary": (
 _FP16_WINDOW_DATASETS = ("ade20k", "cocostuff")
 # SCLIP's configs: Resize short side per dataset (default 336; the driving sets follow Cityscapes' 560)
 _SCLIP_SHORT_SIDE = {"cocostuff": 448, **{name: 560 for name in DRIVING_DATASETS}}
+# ResCLIP's and SC-CLIP's configs: as SCLIP's, but COCO-Stuff at 336 (OVSS-models-2025 §1.5, §2.4)
+_SHORT_SIDE_2025 = {name: 560 for name in DRIVING_DATASETS}
 
 
 @dataclass(frozen=True)
@@ -147,13 +150,18 @@ def settings_for(model: str, dataset: str, protocol: str = "authors", precision:
 
     ``precision="fp16"`` (the model runs in fp16, e.g. the authors' NACLIP on CUDA): cosines are rounded to fp16
     and every upsampled window output is fp16 (their fp16 logits are interpolated in fp16), on every dataset.
-    The paper never ran SCLIP, ClearCLIP or GEM: for them ``"paper"`` equals ``"authors"`` except the fp16 cast.
-    All three take the softmax after the final resize (as NACLIP) with renormalised classifiers.
+    The paper never ran SCLIP, ClearCLIP, GEM, ResCLIP or SC-CLIP: for them ``"paper"`` equals ``"authors"`` except
+    the fp16 cast. All of them take the softmax after the final resize (as NACLIP) with renormalised classifiers.
 
     * sclip — SCLIP's configs: (2048, 336), COCO-Stuff (2048, 448), driving sets (2048, 560); 224/112 windows
       on every dataset including VOC20; logit scale 40.
     * clearclip — ClearCLIP's configs: (2048, 448); 448/224 windows, driving sets 224/224; logit scale 50.
     * gem — ClearCLIP's re-run protocol (GEM ships no evaluation code): exactly ClearCLIP's settings.
+    * gem_quoted — GEM as ClearCLIP re-ran it (last block's self-self output only): ClearCLIP's settings too.
+    * resclip — ResCLIP's configs (OVSS-models-2025 §1.5): (2048, 336), driving sets (2048, 560) (COCO-Stuff 336,
+      not SCLIP's 448); 224/112 windows, VOC20 whole image (NACLIP's ``slide_crop=0``); logit scale 40. Its
+      per-dataset temp_thd / tau / lambda live in :data:`floss.models.resclip.DATASET_PARAMS`.
+    * scclip — SC-CLIP's configs (§2.4): as resclip but 224/112 windows on every dataset including VOC20.
     * gem_448 — GEM's own library transform: PIL bicubic to 448x448 ignoring the aspect ratio
       (``resize="stretch_bicubic"``), whole image, no sliding window; logit scale 50 as the re-run protocol.
     """
@@ -172,13 +180,17 @@ def settings_for(model: str, dataset: str, protocol: str = "authors", precision:
     # the fp16 canvas of the authors' compute_metric (ADE/COCO), and of an fp16 per-window softmax model
     stage = "window" if model in ("maskclip", "clipdinoiser") else "final"
     canvas16 = (authors and dataset in _FP16_WINDOW_DATASETS) or (precision == "fp16" and stage == "window")
-    if model in ("sclip", "clearclip", "gem", "gem_448"):
+    if model in ("sclip", "clearclip", "gem", "gem_448", "gem_quoted", "resclip", "scclip"):
         resize = "keep_ratio"
-        if model == "sclip":
+        if model in ("resclip", "scclip"):
+            whole = model == "resclip" and dataset == "pascalvoc20"
+            scale, logit_scale = (2048, _SHORT_SIDE_2025.get(dataset, 336)), 40.0
+            crop, stride = (None, None) if whole else (224, 112)
+        elif model == "sclip":
             scale, crop, stride, logit_scale = (2048, _SCLIP_SHORT_SIDE.get(dataset, 336)), 224, 112, 40.0
         elif model == "gem_448":
             scale, crop, stride, logit_scale, resize = (448, 448), None, None, 50.0, "stretch_bicubic"
-        else:   # ClearCLIP, and GEM under ClearCLIP's re-run; Cityscapes windows do not overlap
+        else:   # ClearCLIP, and GEM under ClearCLIP's re-run (both forms); Cityscapes windows do not overlap
             scale, (crop, stride), logit_scale = (2048, 448), (224, 224) if driving else (448, 224), 50.0
         return ProtocolSettings(scale=scale, crop=crop, stride=stride, softmax_stage="final",
                                 logit_scale=logit_scale, renormalize_experts=True, renormalize_fallback=True,

@@ -27,6 +27,13 @@ D), unless ``ss_attn_temp`` is given.
 Positional embeddings: when the grid differs from the native one, size-based bicubic WITH ``antialias=True``
 (timm's ``resample_abs_pos_embed``), CLS kept — unlike both MaskCLIP's size rule and SCLIP's scale rule.
 
+``ignore_residual=True`` is ClearCLIP's re-run of GEM (its vendored GEM's ``GEMResidualBlock``, segmentor default
+``ignore_residual=True``, OVSS-models-more §3.1): the GEM path keeps only the LAST block's self-self output,
+``g = out_proj_L(SS_L(LN1_L(x_{L-1})))``, no accumulation (depth then only needs to be >= 2). Registered as
+``gem_quoted`` (:class:`GEMQuoted`): that form, fp16 on CUDA (ClearCLIP builds the GEM model with
+``precision='fp16'``), ClearCLIP's settings, same positional-embedding rule (its vendored GEM keeps GEM's
+size + antialias resample). The FLOSS paper's quoted GEM numbers most likely come from this re-run.
+
 Protocol: GEM ships no segmentation evaluation. ``transform="clearclip"`` (default) uses ClearCLIP's re-run
 protocol (short side 448, 448/224 windows, Cityscapes 224/224, logit scale 50: ``settings_for("gem", ...)``),
 which produced the only public GEM numbers on FLOSS's datasets; ``transform="gem"`` uses GEM's own library
@@ -44,7 +51,7 @@ from floss.models.maskclip import resize_pos_embed_by_size
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GEM", "self_self_attention", "TRANSFORMS"]
+__all__ = ["GEM", "GEMQuoted", "self_self_attention", "TRANSFORMS"]
 
 #: ``GEM(transform=...)`` -> the protocol-table model whose settings it uses
 TRANSFORMS = {"clearclip": "gem", "gem": "gem_448"}
@@ -82,7 +89,7 @@ class GEM(OpenClipDenseModel):
 
     def __init__(self, backbone: str | None = None, pretrained: str | None = None, *, depth: int = 7,
                  ss_attn_iter: int = 1, ss_attn_temp: float | None = None, transform: str = "clearclip",
-                 device="cpu", precision: str = "fp32", cache_dir: str | None = None, allow_download: bool = False):
+                 ignore_residual: bool = False, device="cpu", precision: str = "fp32", cache_dir: str | None = None, allow_download: bool = False):
         # argument checks before the (slow) weight load
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 2:
             raise ValueError(f"depth: expected an int >= 2 (GEM path over the last depth - 1 blocks), "
@@ -92,6 +99,8 @@ class GEM(OpenClipDenseModel):
         if ss_attn_temp is not None and (isinstance(ss_attn_temp, bool) or not isinstance(ss_attn_temp, (int, float))
                                          or not ss_attn_temp > 0):
             raise ValueError(f"ss_attn_temp: expected None (adaptive) or a positive number, received {ss_attn_temp!r}")
+        if not isinstance(ignore_residual, bool):
+            raise ValueError(f"ignore_residual: expected True or False, received {ignore_residual!r}")
         if transform not in TRANSFORMS:
             raise ValueError(f"transform: expected one of {sorted(TRANSFORMS)} (clearclip = ClearCLIP's re-run "
                              f"protocol, gem = GEM's 448x448 resize), received {transform!r}")
@@ -103,7 +112,7 @@ class GEM(OpenClipDenseModel):
                              f"{n_blocks + 1}; received {depth}")
         self.depth, self.ss_attn_iter = depth, ss_attn_iter
         self.ss_attn_temp = None if ss_attn_temp is None else float(ss_attn_temp)
-        self.transform = transform
+        self.transform, self.ignore_residual = transform, ignore_residual
         self.protocol_model = TRANSFORMS[transform]     # read by DenseModel.protocol_settings
 
     def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
@@ -116,6 +125,9 @@ class GEM(OpenClipDenseModel):
     def gem_tokens(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """The GEM path ``g`` [B, 1 + gh*gw, D] of CLIP-normalised windows ``x`` (before ``ln_post``)."""
         blocks = self.visual.transformer.resblocks
+        if self.ignore_residual:             # ClearCLIP's re-run: only the last block's SS output survives
+            tokens, blk = self.run_blocks(self.embed(x, self.pos_embed_for(grid)), -1), blocks[-1]
+            return blk.ls_1(self_self_attention(blk, blk.ln_1(tokens), self.ss_attn_iter, self.ss_attn_temp))
         first = len(blocks) - (self.depth - 1)
         tokens = self.run_blocks(self.embed(x, self.pos_embed_for(grid)), first)
         g = tokens
@@ -128,3 +140,16 @@ class GEM(OpenClipDenseModel):
     def window_features(self, x: torch.Tensor) -> torch.Tensor:
         grid = self.window_grid(x)
         return self.patch_features(self.gem_tokens(x, grid), grid)
+
+
+class GEMQuoted(GEM):
+    """GEM as ClearCLIP re-ran it (``ignore_residual=True``, fp16 on CUDA, ClearCLIP's settings): ``gem_quoted``."""
+
+    name = "gem_quoted"
+    authors_precision = "fp16"
+
+    def __init__(self, backbone: str | None = None, pretrained: str | None = None, *, ignore_residual: bool = True,
+                 **kw):
+        super().__init__(backbone, pretrained, ignore_residual=ignore_residual, **kw)
+        if self.transform == "clearclip":
+            self.protocol_model = "gem_quoted"
