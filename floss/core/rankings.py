@@ -72,14 +72,18 @@ def _recorded_templates(rankings: Mapping) -> TemplateSet | None:
 
 
 def rankings_num_templates(rankings: Mapping, metric: str = "entropy") -> int:
-    """M of a rankings dict: the length of its ``"templates"`` list, else of its first class's list."""
+    """M of a rankings dict: the length of its ``"templates"`` list, else the number of entries most classes hold
+    (ties: the larger; so :func:`validate_rankings` names the class that deviates)."""
     recorded = _recorded_templates(rankings)
     if recorded is not None:
         return len(recorded)
     classes = rankings.get("classes") if isinstance(rankings, Mapping) else None
-    first = next(iter(classes.values()), None) if isinstance(classes, Mapping) else None
-    items = first.get(ranking_key(metric)) if isinstance(first, Mapping) else None
-    return len(items) if isinstance(items, list) and items else NUM_TEMPLATES
+    key = ranking_key(metric)
+    lengths = [len(e[key]) for e in classes.values() if isinstance(e, Mapping) and isinstance(e.get(key), list)
+               and e[key]] if isinstance(classes, Mapping) else []
+    if not lengths:
+        return NUM_TEMPLATES
+    return max(set(lengths), key=lambda n: (lengths.count(n), n))
 
 
 def rankings_templates(rankings: Mapping, metric: str = "entropy") -> TemplateSet:

@@ -137,7 +137,7 @@ def validate_params(params: Any, *, check_paths: bool = True) -> dict:
 
     if "cpu_threads" in params:
         _int(params, "cpu_threads", 0, 1024)
-    m = num_templates(params, check_paths=check_paths)
+    num_m = num_templates(params, check_paths=check_paths)     # M bounds the expert counts
 
     a = _section(params, "authors")
     if not isinstance(a["url"], str) or not a["url"].startswith(("http://", "https://")):
@@ -186,7 +186,7 @@ def validate_params(params: Any, *, check_paths: bool = True) -> dict:
     s = _section(params, "synthetic")
     _int(s, "synthetic.seed", 0)
     _int(s, "synthetic.feature_dim", 8, 4096)
-    _int(s, "synthetic.planted_per_class", 1, m)
+    _int(s, "synthetic.planted_per_class", 1, num_m)
     images = s["images"]
     if not isinstance(images, Mapping):
         _fail("synthetic.images", "a mapping dataset -> {train, val}", images)
@@ -204,13 +204,13 @@ def validate_params(params: Any, *, check_paths: bool = True) -> dict:
     _names(r["metrics"], "rank.metrics", METRICS)
     _device(r["device"], "rank.device")
     ev = _section(params, "evaluate")
-    _int(ev, "evaluate.n_experts", 1, m)
+    _int(ev, "evaluate.n_experts", 1, num_m)
     _choice(ev["metric"], "evaluate.metric", r["metrics"])
     _names(ev["fusions"], "evaluate.fusions", FUSIONS)
     if not isinstance(ev["per_template"], bool):
         _fail("evaluate.per_template", "true or false", ev["per_template"])
     _device(ev["device"], "evaluate.device")
-    _validate_notebooks(params, models, m)
+    _validate_notebooks(params, models, num_m)
     if profile == "paper" and check_paths:
         check_paper_inputs(params)
     return dict(params)
