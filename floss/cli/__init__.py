@@ -159,13 +159,8 @@ def run_rank(args: argparse.Namespace) -> int:
                          "(--model with --dataset/--data-root or --images/--classes), not both")
     templates = load_template_arg(args)
     if args.features is not None:
-        st, keys, meta = _rank_from_cache(args, metrics)
-        cached = meta.pop("templates")
-        if args.templates is not None and tuple(cached) != tuple(templates):
-            raise ValueError(f"--templates: {args.templates} holds {len(templates)} templates, but the feature cache "
-                             f"{args.features} was extracted with {len(cached)} other ones (see {cached.source}); "
-                             "expected the same file as `floss extract --templates` (or leave --templates out)")
-        templates = cached
+        st, keys, meta = _rank_from_cache(args, metrics, templates)
+        templates = meta.pop("templates")          # the cache's (checked against --templates when given)
     else:
         done = _rank_from_images(args, metrics, templates)
         if done is None:         # a torchrun rank other than 0
@@ -189,12 +184,17 @@ def run_rank(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rank_from_cache(args: argparse.Namespace, metrics: list[str]):
+def _rank_from_cache(args: argparse.Namespace, metrics: list[str], templates):
     from floss.data.cache import FeatureCache
     from floss.core.classes import rankings_dataset
     from floss.protocol import rank_cache
 
     cache = FeatureCache(args.features)
+    cached = cache.templates
+    if args.templates is not None and tuple(cached) != tuple(templates):
+        raise ValueError(f"--templates: {args.templates} holds {len(templates)} templates, but the feature cache "
+                         f"{args.features} was extracted with {len(cached)} other ones (see {cached.source}); "
+                         "expected the same file as `floss extract --templates` (or leave --templates out)")
     st = rank_cache(cache, metrics=metrics, track_images=args.track_images, device=args.device,
                     template_chunk=args.template_chunk)
     m = cache.manifest
@@ -203,7 +203,7 @@ def _rank_from_cache(args: argparse.Namespace, metrics: list[str]):
     except ValueError:
         dataset = m["dataset"]
     return st, rankings_keys(cache), {"model": m["model"], "dataset": dataset, "split": m["split"],
-                                      "templates": cache.templates}
+                                      "templates": cached}
 
 
 def _rank_from_images(args: argparse.Namespace, metrics: list[str], templates):
