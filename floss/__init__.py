@@ -1,7 +1,8 @@
 """FLOSS: Free Lunch in Open-vocabulary Semantic Segmentation (Benigmim et al., 2025).
 
-A small verb-style API (see README "Library"): rank CLIP's 80 ImageNet templates per class by the entropy of
-single-template predictions on unlabeled images, keep the top-N class experts, fuse their maps (Eq. 7).
+A small verb-style API (see README "Library"): rank CLIP's 80 ImageNet templates (or any template set:
+``floss.load_templates(path)``) per class by the entropy of single-template predictions on unlabeled images, keep
+the top-N class experts, fuse their maps (Eq. 7).
 
     import floss
     st = floss.TemplateStats(80, K)
@@ -28,7 +29,9 @@ _EXPORTS = {
     "save_rankings": "floss.core.rankings", "oracle_experts": "floss.core.rankings", "true_experts": "floss.core.rankings",
     "mixed_experts": "floss.core.rankings", "expert_quality": "floss.core.rankings", "template_embeddings": "floss.core.text",
     "averaged_classifier": "floss.core.text", "expert_classifiers": "floss.core.text", "register_metric": "floss.core.metrics",
-    "available_metrics": "floss.core.metrics",
+    "available_metrics": "floss.core.metrics", "load_templates": "floss.core.templates",
+    "TemplateSet": "floss.core.templates", "DEFAULT_TEMPLATES": "floss.core.templates",
+    "rankings_templates": "floss.core.rankings",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

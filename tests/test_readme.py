@@ -109,3 +109,52 @@ def test_own_images_recipe_runs_as_printed(tmp_path, monkeypatch):
                   for p in (tmp_path / "my_masks/floss").rglob("*.png")) == ["c.png", "street/a.png", "street/b.png"]
     res = json.loads((tmp_path / "my_results.json").read_text())
     assert {"baseline", "floss"} <= set(res["methods"])
+
+
+def test_any_template_set_recipe_runs_as_printed(tmp_path, monkeypatch):
+    """"Any template set": the template file, the four commands and the library snippet, as printed (a tiny random
+    CLIP-DINOiser substituted for the real weights)."""
+    import json
+    import shlex
+
+    import numpy as np
+    import torch
+
+    from conftest import TINY_GELU
+    from floss import cli
+    from floss.models.clipdinoiser import CorrelationHead
+    from layouts import random_image, random_label, write_image, write_label
+
+    text = README.read_text()
+    section = text[text.index("### Any template set"):]
+    section = section[:section.index("\n## ")]
+    templates = re.search(r"```text\n(.*?)```", section, re.S).group(1)
+    commands = _bash_block_after(section, "### Any template set")
+    assert [c.split()[3] for c in commands] == ["rank", "extract", "evaluate", "segment"]
+    rng = np.random.default_rng(0)
+    for i, rel in enumerate(["street/a", "c"]):
+        write_image(tmp_path / "my_images" / f"{rel}.jpg", random_image(rng, (40 + 8 * i, 72)))
+        write_label(tmp_path / "my_labels" / f"{rel}.png", random_label(rng, (40 + 8 * i, 72), 3))
+    (tmp_path / "classes.txt").write_text("road\ncar: automobile, vehicle\nsky\n")
+    (tmp_path / "my_templates.txt").write_text(templates)
+    width = json.loads(open(TINY_GELU).read())["vision_cfg"]["width"]
+    head = {f"model.{k}": v for k, v in CorrelationHead(width).state_dict().items()}
+    (tmp_path / "checkpoints/clip_dinoiser").mkdir(parents=True)
+    torch.save({"state_dict": head}, tmp_path / "checkpoints/clip_dinoiser/model_weights.pth")
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--backbone", TINY_GELU, "--pretrained", "none", "--device", "cpu", "--workers", "0"]
+    for command in commands:
+        argv = shlex.split(command)
+        assert argv[:3] == ["python", "-m", "floss"], command
+        argv = argv[3:] + (tiny if "--model" in argv else [])
+        assert cli.main(argv) == 0, command
+    seven = templates.splitlines()
+    assert len(seven) == 7 and json.loads((tmp_path / "my_rankings7.json").read_text())["templates"] == seven
+    res = json.loads((tmp_path / "my_results7.json").read_text())
+    assert len(res["per_template"]) == 7 and res["templates"] == seven
+    assert (tmp_path / "my_masks7/floss/c.png").is_file()
+    snippet = _python_blocks(section)[0]
+    scope: dict = {}
+    exec(compile(snippet, "README.md:templates", "exec"), scope)
+    assert len(scope["experts"]) == 3 and all(0 < len(e) <= 7 for e in scope["experts"])
+    assert scope["rankings"]["templates"] == seven

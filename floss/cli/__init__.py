@@ -31,7 +31,8 @@ import torch
 from floss.data.cache_manifest import CacheError
 from floss.core.classes import match_rankings_classes  # also floss.cli's public name (segment calls it)
 from floss.cli.inputs import (ImageSource, _configure_bad_images, _configure_images,  # noqa: F401  (re-exported)
-                              _configure_model, check_weight_file, load_model)
+                              _configure_model, _configure_templates, check_weight_file, load_model,
+                              load_template_arg)
 from floss.util.provenance import floss_version
 
 logger = logging.getLogger("floss.cli")
@@ -66,6 +67,7 @@ def _configure_extract(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
                    help="feature precision on disk: fp32 (exact, default) or fp16 (half the disk; see the README)")
     p.add_argument("--images-per-shard", type=int, default=256)
+    _configure_templates(p)
     _configure_bad_images(p)
 
 
@@ -77,6 +79,7 @@ def run_extract(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit: expected a positive integer, received {args.limit}")
     ctx = distributed.context()
+    templates = load_template_arg(args)                           # a bad file is refused before any model work
     source = ImageSource(args, labels=True, model=args.model)     # checks the layout before any model work
     ds = source.ds
     ids = sorted(ds.ids)[:args.limit] if args.limit else sorted(ds.ids)
@@ -84,12 +87,13 @@ def run_extract(args: argparse.Namespace) -> int:
     device = distributed.device_for(args.device, ctx)
     model = load_model(args, device)
     settings = model.protocol_settings(source.settings_dataset, args.protocol)   # a plug-in model brings its own
-    text = text_embeddings(model, source.queries, cache_dir=args.text_cache)
+    text = text_embeddings(model, source.queries, cache_dir=args.text_cache, templates=templates)
     meta = {"model": args.model, "dataset": source.dataset, "split": ds.split, "class_names": source.class_names,
-            "query_names": source.queries, "query_to_class": source.query_to_class, "settings": settings.to_dict()}
+            "query_names": source.queries, "query_to_class": source.query_to_class, "settings": settings.to_dict(),
+            "templates": None if templates.is_default else list(templates)}
     fingerprint = cache_fingerprint(model, args.model, source.dataset, ds.split, settings, dtype=args.dtype,
                                     limit=args.limit, pretrained=args.pretrained, checkpoint=args.checkpoint,
-                                    inputs=inputs)
+                                    inputs=inputs, templates=templates)
     distributed.init_process_group(ctx)
     mine = distributed.shard(ids, ctx)
     extract_split(model, ds, args.out, ids=mine, inputs=[x for x in inputs if x[0] in set(mine)],
@@ -124,6 +128,7 @@ def _configure_rank(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state", type=Path, help="images: resumable checkpoint folder (default: <out>.state/)")
     p.add_argument("--track-images", action="store_true", help="keep per-image records (for subset analyses)")
     p.add_argument("--template-chunk", type=int, default=8, help="templates classified at once (memory)")
+    _configure_templates(p)
     _configure_bad_images(p)
 
 
@@ -152,16 +157,18 @@ def run_rank(args: argparse.Namespace) -> int:
     if (args.features is None) == (args.model is None):
         raise ValueError("--features/--model: give a feature cache (--features) or a model to run on images "
                          "(--model with --dataset/--data-root or --images/--classes), not both")
+    templates = load_template_arg(args)
     if args.features is not None:
-        st, keys, meta = _rank_from_cache(args, metrics)
+        st, keys, meta = _rank_from_cache(args, metrics, templates)
+        templates = meta.pop("templates")          # the cache's (checked against --templates when given)
     else:
-        done = _rank_from_images(args, metrics)
+        done = _rank_from_images(args, metrics, templates)
         if done is None:         # a torchrun rank other than 0
             return 0
         st, keys, meta = done
     skipped = (st.extra or {}).get("skipped") if args.features is None else None
     for metric in metrics:
-        rankings = st.rankings(keys, metric=metric, **meta)
+        rankings = st.rankings(keys, metric=metric, templates=templates, **meta)
         if skipped is not None:      # ranked from images: how many were left out, listed in <out>.skipped.json
             rankings["images"], rankings["skipped_images"] = st.num_images, len(skipped)
         path = Path(str(args.out).replace("{metric}", metric))
@@ -172,17 +179,22 @@ def run_rank(args: argparse.Namespace) -> int:
     if args.stats_out:
         st.save(args.stats_out)
         logger.info("wrote template statistics to %s", args.stats_out)
-    _report_experts(st.rankings(keys, metric=metrics[0], **meta), metrics[0], args.n_experts,
+    _report_experts(st.rankings(keys, metric=metrics[0], templates=templates, **meta), metrics[0], args.n_experts,
                     Path(str(args.out).replace("{metric}", metrics[0])))
     return 0
 
 
-def _rank_from_cache(args: argparse.Namespace, metrics: list[str]):
+def _rank_from_cache(args: argparse.Namespace, metrics: list[str], templates):
     from floss.data.cache import FeatureCache
     from floss.core.classes import rankings_dataset
     from floss.protocol import rank_cache
 
     cache = FeatureCache(args.features)
+    cached = cache.templates
+    if args.templates is not None and tuple(cached) != tuple(templates):
+        raise ValueError(f"--templates: {args.templates} holds {len(templates)} templates, but the feature cache "
+                         f"{args.features} was extracted with {len(cached)} other ones (see {cached.source}); "
+                         "expected the same file as `floss extract --templates` (or leave --templates out)")
     st = rank_cache(cache, metrics=metrics, track_images=args.track_images, device=args.device,
                     template_chunk=args.template_chunk)
     m = cache.manifest
@@ -190,10 +202,11 @@ def _rank_from_cache(args: argparse.Namespace, metrics: list[str]):
         dataset = rankings_dataset(m["dataset"])
     except ValueError:
         dataset = m["dataset"]
-    return st, rankings_keys(cache), {"model": m["model"], "dataset": dataset, "split": m["split"]}
+    return st, rankings_keys(cache), {"model": m["model"], "dataset": dataset, "split": m["split"],
+                                      "templates": cached}
 
 
-def _rank_from_images(args: argparse.Namespace, metrics: list[str]):
+def _rank_from_images(args: argparse.Namespace, metrics: list[str], templates):
     """Cache-free ranking (floss.protocol.extraction.rank_images): sharded over torchrun ranks, resumable (--state)."""
     from floss.util import distributed
     from floss.protocol.extraction import cache_fingerprint, rank_dataset, text_embeddings
@@ -203,10 +216,10 @@ def _rank_from_images(args: argparse.Namespace, metrics: list[str]):
     device = distributed.device_for(args.device, ctx)
     model = load_model(args, device)
     settings = model.protocol_settings(source.settings_dataset, args.protocol)
-    text = text_embeddings(model, source.queries, cache_dir=args.text_cache)
+    text = text_embeddings(model, source.queries, cache_dir=args.text_cache, templates=templates)
     state_dir = args.state or Path(str(args.out).replace("{metric}", "all") + ".state")
     fingerprint = {**cache_fingerprint(model, args.model, source.dataset, source.ds.split, settings, dtype="none",
-                                       pretrained=args.pretrained, checkpoint=args.checkpoint),
+                                       pretrained=args.pretrained, checkpoint=args.checkpoint, templates=templates),
                    "metrics": metrics, "queries": source.queries, "track_images": args.track_images,
                    "on_bad_image": args.on_bad_image}
     distributed.init_process_group(ctx)
@@ -223,15 +236,15 @@ def _rank_from_images(args: argparse.Namespace, metrics: list[str]):
 def _report_experts(rankings: dict, metric: str, n: int, out: Path) -> None:
     """Log each class's top-n experts (ids and prompts) and write them to ``<out stem>.experts.json``."""
     from floss.util.io import atomic_write_json
-    from floss.core.rankings import select_experts
-    from floss.core.templates import IMAGENET_TEMPLATES
+    from floss.core.rankings import rankings_templates, select_experts
 
     names = list(rankings["classes"])
     experts = dict(zip(names, select_experts(rankings, n=n, metric=metric)))
+    templates = rankings_templates(rankings, metric)
     path = out.with_name(out.stem + ".experts.json")
     atomic_write_json(path, {"metric": metric, "n": n, "experts": experts})
     for name, ids in experts.items():
-        logger.info("%s: %s", name, "; ".join(f"{t} {IMAGENET_TEMPLATES[t].format(name)!r}" for t in ids[:n]))
+        logger.info("%s: %s", name, "; ".join(f"{t} {templates[t].format(name)!r}" for t in ids[:n]))
     logger.info("wrote the top-%d experts per class to %s", n, path)
 
 
@@ -244,7 +257,8 @@ def _configure_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-experts", type=int, default=4)
     p.add_argument("--metric", default="entropy", help="which ranking of the rankings file selects the experts")
     p.add_argument("--fusion", nargs="+", default=["highest"], choices=("highest", "average", "default", "average_all"))
-    p.add_argument("--per-template", action="store_true", help="also evaluate the 80 single-template classifiers")
+    p.add_argument("--per-template", action="store_true",
+                   help="also evaluate the M single-template classifiers (CLIP's 80, or the cache's template set)")
     p.add_argument("--device")
 
 
@@ -253,12 +267,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     from floss.data.cache import FeatureCache
     from floss.protocol import evaluate_cache
-    from floss.core.rankings import load_rankings, select_experts
+    from floss.core.rankings import check_rankings_templates, load_rankings, select_experts
 
     cache = FeatureCache(args.features)
     experts = None
     if args.rankings is not None:
         rankings = load_rankings(args.rankings)
+        check_rankings_templates(rankings, cache.templates, f"--rankings: {args.rankings}", args.metric,
+                                 against=f"the templates of the feature cache {args.features}")
         keys = match_rankings_classes(rankings, cache.class_names, args.rankings)
         experts = select_experts(rankings, n=args.n_experts, metric=args.metric, class_names=keys)
     results = evaluate_cache(cache, experts=experts, fusions=args.fusion, per_template=args.per_template,

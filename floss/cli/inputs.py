@@ -31,6 +31,26 @@ def _configure_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-cache", type=Path, help="folder of cached text embeddings (default ~/.cache/floss/text)")
 
 
+def _configure_templates(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--templates", type=Path, metavar="FILE",
+                   help="prompt templates, one per line with '{}' where the class name goes (UTF-8; blank lines and "
+                        "'#' comments ignored; default: CLIP's 80 ImageNet templates)")
+
+
+def load_template_arg(args: argparse.Namespace):
+    """The :class:`floss.core.templates.TemplateSet` of ``--templates`` (CLIP's 80 when not given); a bad file is
+    refused naming ``--templates`` and ``file:line``."""
+    from floss.core.templates import load_templates
+
+    value = getattr(args, "templates", None)
+    try:
+        return load_templates(value)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"--templates: {err}") from None
+    except ValueError as err:
+        raise ValueError(f"--templates: {err}") from None
+
+
 def check_weight_file(flag: str, value) -> None:
     """A weight file named on the command line exists and looks loadable (refused before any other work)."""
     from floss.util.provenance import weight_file_problem

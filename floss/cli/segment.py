@@ -69,6 +69,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fusion", default="highest", choices=("highest", "average", "default", "average_all"))
     p.add_argument("--limit", type=int, help="only the first N images")
     p.add_argument("--out", required=True, type=Path, help="folder for baseline/, floss/, side_by_side/")
+    p.add_argument("--templates", type=Path, metavar="FILE",
+                   help="prompt templates, one per line with '{}' (default: the ones the --rankings file names, i.e. "
+                        "CLIP's 80 for a file of the authors' schema); must be the set the rankings were made with")
 
 
 def run_segment(args: argparse.Namespace) -> int:
@@ -80,16 +83,22 @@ def run_segment(args: argparse.Namespace) -> int:
     from floss.core.classes import match_rankings_classes
     from floss.protocol.extraction import prepared_images, text_embeddings
     from floss.protocol import Predictor
-    from floss.core.rankings import load_rankings, select_experts
+    from floss.core.rankings import check_rankings_templates, load_rankings, rankings_templates, select_experts
 
     source = cli_inputs.ImageSource(args, labels=False, model=args.model)
     rankings = load_rankings(args.rankings)
+    if args.templates is not None:
+        templates = cli_inputs.load_template_arg(args)
+        check_rankings_templates(rankings, templates, f"--rankings: {args.rankings}", args.metric,
+                                 against=f"the --templates {args.templates}")
+    else:
+        templates = rankings_templates(rankings, args.metric)
     keys = match_rankings_classes(rankings, source.keys, args.rankings)
     experts = select_experts(rankings, n=args.n_experts, metric=args.metric, class_names=keys)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = cli_inputs.load_model(args, device)
     settings = model.protocol_settings(source.settings_dataset, args.protocol)
-    text = text_embeddings(model, source.queries, cache_dir=args.text_cache).to(device)
+    text = text_embeddings(model, source.queries, cache_dir=args.text_cache, templates=templates).to(device)
     predictor = Predictor(text, settings, source.query_to_class, len(source.class_names), experts, (args.fusion,))
     colours = palette(len(source.class_names))
     ids = sorted(source.ds.ids)[:args.limit] if args.limit else sorted(source.ds.ids)

@@ -2,7 +2,8 @@
 
 Read in this order:
 
-* :mod:`~floss.core.templates` — CLIP's 80 ImageNet templates (ids 0..79, open_clip's order);
+* :mod:`~floss.core.templates` — CLIP's 80 ImageNet templates (ids 0..79, open_clip's order), the default, and
+  any other template set (:class:`~floss.core.templates.TemplateSet`, :func:`~floss.core.templates.load_templates`);
   :mod:`~floss.core.classes` — class names and the query-word ↔ class maps;
   :mod:`~floss.core.text` — text classifiers: the averaged ``W_CLIP`` (Eq. 2) and the expert classifiers.
 * :mod:`~floss.core.stats` — :class:`~floss.core.stats.TemplateStats`: streaming per-(template, class)

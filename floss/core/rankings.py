@@ -1,9 +1,11 @@
 """Rankings files (the authors' JSON schema, protocol §3.1), expert selection (Eq. 6, §3.8), and the oracle /
 ρ-mixed expert sets and expert quality of the paper's analysis (Eq. 4, Eq. 8, Fig. 5).
 
-Schema: ``{"model", "dataset", "split", "classes": {name: {"<metric>_ranking": [80 × {"template_id",
+Schema: ``{"model", "dataset", "split", "classes": {name: {"<metric>_ranking": [M × {"template_id",
 "<metric>", "pixel_percentage", "rank"}]}}}``, best first. Entropy keeps ``"entropy_ranking"``/``"entropy"``
-so files are byte-compatible with the authors'. Templates that never predict a class carry
+so files are byte-compatible with the authors'. With CLIP's 80 templates (the authors' set) that is all; with any
+other template set a ``"templates"`` list of the M texts (template id = position) sits before ``"classes"``, so a
+file says which prompts its ids mean (:func:`rankings_templates`; readers of the authors' schema ignore the key). Templates that never predict a class carry
 ``pixel_percentage == 0`` and are skipped by :func:`select_experts` (they would otherwise rank first, §3.6).
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 
 from floss.core.checks import check_tensor
 from floss.util.io import atomic_write_text
-from floss.core.templates import NUM_TEMPLATES
+from floss.core.templates import DEFAULT_TEMPLATES, NUM_TEMPLATES, TemplateSet, as_template_set
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +60,79 @@ def _is_number(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _recorded_templates(rankings: Mapping) -> TemplateSet | None:
+    """The ``"templates"`` list of a rankings dict as a TemplateSet (None when absent), or a ValueError."""
+    if rankings.get("templates") is None:
+        return None
+    try:
+        return TemplateSet(rankings["templates"], source="rankings['templates']")
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"rankings['templates']: expected a list of distinct template texts with one '{{}}' each "
+                         f"({err})") from None
+
+
+def rankings_num_templates(rankings: Mapping, metric: str = "entropy") -> int:
+    """M of a rankings dict: the length of its ``"templates"`` list, else the number of entries most classes hold
+    (ties: the larger; so :func:`validate_rankings` names the class that deviates)."""
+    recorded = _recorded_templates(rankings)
+    if recorded is not None:
+        return len(recorded)
+    classes = rankings.get("classes") if isinstance(rankings, Mapping) else None
+    key = ranking_key(metric)
+    lengths = [len(e[key]) for e in classes.values() if isinstance(e, Mapping) and isinstance(e.get(key), list)
+               and e[key]] if isinstance(classes, Mapping) else []
+    if not lengths:
+        return NUM_TEMPLATES
+    return max(set(lengths), key=lambda n: (lengths.count(n), n))
+
+
+def rankings_templates(rankings: Mapping, metric: str = "entropy") -> TemplateSet:
+    """The template set whose ids a rankings dict uses: its ``"templates"`` texts, else CLIP's 80 (a file of the
+    authors' schema). A file with M != 80 entries per class and no ``"templates"`` cannot say its prompts."""
+    recorded = _recorded_templates(rankings)
+    if recorded is not None:
+        return recorded
+    m = rankings_num_templates(rankings, metric)
+    if m != NUM_TEMPLATES:
+        raise ValueError(f"rankings: {m} templates per class but no 'templates' list naming them; expected the "
+                         f"template texts (written by floss rank) or CLIP's {NUM_TEMPLATES}")
+    return DEFAULT_TEMPLATES
+
+
+def check_rankings_templates(rankings: Mapping, templates, where: str = "rankings", metric: str = "entropy",
+                             against: str = "the templates in use") -> None:
+    """Raise ``ValueError`` unless the rankings were made with ``templates`` (same texts, same order): expert ids
+    of another template set would silently pick other prompts."""
+    ts = as_template_set(templates)
+    mine = rankings_templates(rankings, metric)
+    if tuple(mine) != tuple(ts):
+        raise ValueError(f"{where}: ranks {len(mine)} templates ({mine.source}: {_preview(mine)}) but "
+                         f"{against} are {len(ts)} ({ts.source}: {_preview(ts)}); expected the same template set "
+                         "(pass the --templates file the rankings were made with)")
+
+
+def _preview(ts: Sequence[str]) -> str:
+    return ", ".join(repr(t) for t in ts[:2]) + (", ..." if len(ts) > 2 else "")
+
+
+def with_templates(rankings: dict, templates) -> dict:
+    """``rankings`` with the ``"templates"`` texts recorded before ``"classes"`` — only for a set other than CLIP's
+    80, so files of the default set keep the authors' schema byte for byte."""
+    ts = as_template_set(templates)
+    if ts.is_default:
+        return rankings
+    out = {k: v for k, v in rankings.items() if k not in ("templates", "classes")}
+    out["templates"] = list(ts)
+    out["classes"] = rankings["classes"]
+    return out
+
+
 def validate_rankings(rankings: Mapping, class_names: Sequence[str] | None = None, metric: str = "entropy",
-                      num_templates: int = NUM_TEMPLATES) -> None:
+                      num_templates: int | None = None) -> None:
     """Check the schema of protocol §3.1; raise ``ValueError`` naming the class/entry/field at fault.
 
-    Every class holds ``num_templates`` entries, each template id once, ``rank`` = 1..M in list order, a finite
+    ``num_templates``: M expected (default: the length of the file's ``"templates"`` list, else of its first
+    class's list; 80 for the authors' files). Every class holds ``num_templates`` entries, each template id once, ``rank`` = 1..M in list order, a finite
     value and ``pixel_percentage`` in [0, 100]. With ``class_names``, the classes must be exactly those (missing
     and unknown ones are named; order is not required, :func:`select_experts` follows ``class_names``).
     """
@@ -76,6 +146,11 @@ def validate_rankings(rankings: Mapping, class_names: Sequence[str] | None = Non
     classes = rankings["classes"]
     if not classes:
         raise ValueError("rankings['classes']: expected at least one class, received none")
+    recorded = _recorded_templates(rankings)
+    if num_templates is None:
+        num_templates = rankings_num_templates(rankings, metric)
+    elif recorded is not None and len(recorded) != num_templates:
+        raise ValueError(f"rankings['templates']: expected {num_templates} templates, received {len(recorded)}")
     if class_names is not None:
         missing = [c for c in class_names if c not in classes]
         unknown = [c for c in classes if c not in set(class_names)]
@@ -142,7 +217,7 @@ def select_experts(rankings: Mapping, n: int = 4, metric: str = "entropy",
 
     ``fewer``: a class with fewer than ``n`` valid templates (small train sets) —
     ``"authors"`` (default, the authors' MaskCLIP/CLIP-DINOiser inferencer): keep the valid ones; with none, all
-    M templates, i.e. the class's expert is the averaged classifier; logged as a warning. ``"error"``: raise.
+    M templates (M of the rankings: any template set), i.e. the class's expert is the averaged classifier; logged as a warning. ``"error"``: raise.
     (The authors' NACLIP crashes in that case; the shipped rankings never reach it.)
     """
     n = _check_n(n)
@@ -157,9 +232,9 @@ def select_experts(rankings: Mapping, n: int = 4, metric: str = "entropy",
                          f"than n={n} ({len(short)} such classes); fewer='authors' keeps the valid ones")
     if short:
         logger.warning("%d classes have fewer than %d valid templates; kept the valid ones (none: all %d templates, "
-                       "the averaged classifier): %s", len(short), n, NUM_TEMPLATES,
+                       "the averaged classifier): %s", len(short), n, rankings_num_templates(rankings, metric),
                        ", ".join(f"{name} ({count})" for name, count in short[:10]))
-    num_templates = len(next(iter(rankings["classes"].values()))[ranking_key(metric)])
+    num_templates = rankings_num_templates(rankings, metric)
     return [v[:n] if v else list(range(num_templates)) for v in valid]
 
 
@@ -280,7 +355,7 @@ def experts_overlap(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> l
 
 
 def iou_matrix_from_json(per_template: Mapping, class_names: Sequence[str],
-                         num_templates: int = NUM_TEMPLATES) -> torch.Tensor:
+                         num_templates: int = NUM_TEMPLATES) -> torch.Tensor:    # the authors' files: M = 80
     """``[M, K]`` float64 IoU (percent) from the authors' per-template IoU JSON
     (``{class: {"<template id>": IoU %}}``, e.g. ``iou_per_template_clipdinoiser_cityscapes.json``)."""
     out = torch.empty(num_templates, len(class_names), dtype=torch.float64)

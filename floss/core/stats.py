@@ -323,8 +323,12 @@ class TemplateStats:
 
     # -------------------------------------------------------------------------------------- rankings
     def rankings(self, class_names: Sequence[str], metric: str = "entropy", model: str | None = None,
-                 dataset: str | None = None, split: str = "train") -> dict:
+                 dataset: str | None = None, split: str = "train", templates=None) -> dict:
         """Rankings in the authors' schema (protocol §3.1), best first, ``rank`` 1..M.
+
+        ``templates``: the template set the statistics are of (a :class:`floss.core.templates.TemplateSet`, a list
+        of texts or a file path; M texts). A set other than CLIP's 80 is recorded as the file's ``"templates"``
+        list (:func:`floss.core.rankings.with_templates`); with None or CLIP's 80 the dict is the authors' schema.
 
         Python's stable sort by value (ascending for entropy, descending for higher-is-better metrics) over
         template ids in increasing order. Templates that never predict a class keep value 0.0 and
@@ -353,7 +357,16 @@ class TemplateStats:
             for rank, e in enumerate(entries, start=1):
                 e["rank"] = rank
             classes[name] = {key: entries}
-        return {"model": model, "dataset": dataset, "split": split, "classes": classes}
+        out = {"model": model, "dataset": dataset, "split": split, "classes": classes}
+        if templates is None:
+            return out
+        from floss.core.rankings import with_templates
+        from floss.core.templates import as_template_set
+        ts = as_template_set(templates)
+        if len(ts) != self.num_templates:
+            raise ValueError(f"templates: expected {self.num_templates} templates (num_templates of the statistics), "
+                             f"received {len(ts)} ({ts.source})")
+        return with_templates(out, ts)
 
     # ------------------------------------------------------------------------------------- save/load
     def save(self, path: str | os.PathLike, extra: dict | None = None) -> None:

@@ -98,6 +98,28 @@ class FeatureCache:
         return len(self.class_names)
 
     @property
+    def num_templates(self) -> int:
+        """M: the number of templates the text embeddings hold (manifest ``num_templates``)."""
+        return int(self.manifest.get("num_templates", 80))
+
+    @property
+    def templates(self):
+        """The :class:`floss.core.templates.TemplateSet` of the text embeddings: the manifest's ``"templates"``
+        texts (written for any set but CLIP's 80), else CLIP's 80."""
+        from floss.core.templates import DEFAULT_TEMPLATES, TemplateSet
+        texts = self.manifest.get("templates")
+        if texts is None:
+            if self.num_templates != len(DEFAULT_TEMPLATES):
+                raise CacheError(f"{self.root / MANIFEST}: {self.num_templates} templates but no 'templates' texts; "
+                                 "expected the template texts (written by floss extract) or CLIP's 80")
+            return DEFAULT_TEMPLATES
+        ts = TemplateSet(texts, source=f"{self.root / MANIFEST}")
+        if len(ts) != self.num_templates:
+            raise CacheError(f"{self.root / MANIFEST}: 'templates' holds {len(ts)} texts, expected num_templates = "
+                             f"{self.num_templates}")
+        return ts
+
+    @property
     def text(self) -> torch.Tensor:
         """[M, Q, D] float32 per-template query embeddings."""
         if self._text is None:

@@ -37,7 +37,8 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
 class CacheWriter:
     """Write one rank's share of a cache; resumable; see the module docstring for the layout.
 
-    ``meta``: {"model", "dataset", "split", "class_names", "query_names", "query_to_class", "settings"};
+    ``meta``: {"model", "dataset", "split", "class_names", "query_names", "query_to_class", "settings"} and,
+    for a template set other than CLIP's 80, ``"templates"`` (its M texts, recorded in the manifest);
     ``fingerprint``: flat dict identifying everything the features depend on (code, weights, settings, and an
     ``inputs`` digest of the whole input list); ``text``: [M, Q, D] float; ``inputs``: this rank's
     ``[id, file identity]`` pairs in processing order (:func:`floss.util.provenance.input_identities`).
@@ -83,6 +84,11 @@ class CacheWriter:
     def _fresh_state(self, meta: Mapping, text: torch.Tensor) -> dict:
         state = {"format": FORMAT, "fingerprint": self.fingerprint}
         state.update(_jsonable({k: meta[k] for k in META_KEYS}))
+        if meta.get("templates") is not None:      # any template set but CLIP's 80: its texts, in id order
+            if len(meta["templates"]) != int(text.shape[0]):
+                raise ValueError(f"meta['templates']: expected {int(text.shape[0])} texts (text embeddings "
+                                 f"[M, Q, D]), received {len(meta['templates'])}")
+            state["templates"] = list(meta["templates"])
         state.update(num_templates=int(text.shape[0]), feature_dim=self.feature_dim,
                      dtype=str(self.dtype).removeprefix("torch."), world_size=self.world_size, rank=self.rank,
                      images_per_shard=self.images_per_shard, finished=False, images=[], shards=[], skipped=[],

@@ -147,7 +147,8 @@ class _World:
     confusable: list[int]      # nearest other class per class
 
 
-def _world(model: str, dataset: str, seed: int, feature_dim: int, planted_per_class: int) -> _World:
+def _world(model: str, dataset: str, seed: int, feature_dim: int, planted_per_class: int,
+           num_templates: int = NUM_TEMPLATES) -> _World:
     """Class prototypes and text embeddings; shared by every split and by the transfer sets of a class set."""
     knobs = _knobs(model)
     source = rankings_dataset(dataset)          # transfer sets live in the Cityscapes world
@@ -163,25 +164,25 @@ def _world(model: str, dataset: str, seed: int, feature_dim: int, planted_per_cl
     confusable = cos.argmax(dim=1).tolist()
     # text embeddings: per text encoder (MaskCLIP and CLIP-DINOiser share open_clip's)
     g = _generator(seed, "text", knobs.text_encoder, source, feature_dim)
-    experts = [sorted(torch.randperm(NUM_TEMPLATES, generator=g)[:planted_per_class].tolist())
+    experts = [sorted(torch.randperm(num_templates, generator=g)[:planted_per_class].tolist())
                for _ in range(num_classes)]
-    strength = 0.3 + 0.5 * torch.rand(NUM_TEMPLATES, generator=g, dtype=torch.float64)    # per template
+    strength = 0.3 + 0.5 * torch.rand(num_templates, generator=g, dtype=torch.float64)    # per template
     difficulty = 0.4 + 0.6 * torch.rand(num_classes, generator=g, dtype=torch.float64)    # per class
     queries, query_to_class = query_names(source, knobs.protocol_model)
     q_class = torch.tensor(query_to_class)
     mu = protos[q_class]                                            # [Q, Ds]
     toward = protos[torch.tensor(confusable)[q_class]] - mu          # [Q, Ds]
     pull = (strength[:, None] * difficulty[q_class][None] + 0.1 * torch.randn(
-        NUM_TEMPLATES, len(queries), generator=g, dtype=torch.float64)).clamp(0.0, 0.75)
-    jitter = torch.randn(NUM_TEMPLATES, len(queries), sem_dim, generator=g, dtype=torch.float64)
-    is_expert = torch.zeros(NUM_TEMPLATES, num_classes, dtype=torch.bool)
+        num_templates, len(queries), generator=g, dtype=torch.float64)).clamp(0.0, 0.75)
+    jitter = torch.randn(num_templates, len(queries), sem_dim, generator=g, dtype=torch.float64)
+    is_expert = torch.zeros(num_templates, num_classes, dtype=torch.bool)
     for k, ids in enumerate(experts):
         is_expert[ids, k] = True
     expert_q = is_expert[:, q_class]                                 # [M, Q]
     pull = torch.where(expert_q, torch.zeros_like(pull), pull)
     jitter_scale = torch.where(expert_q, 0.08, 0.3).to(torch.float64)[..., None] / math.sqrt(sem_dim)
     semantic = F.normalize(mu + pull[..., None] * toward + jitter_scale * jitter, dim=-1)
-    text = torch.zeros(NUM_TEMPLATES, len(queries), feature_dim, dtype=torch.float64)
+    text = torch.zeros(num_templates, len(queries), feature_dim, dtype=torch.float64)
     text[..., :sem_dim] = semantic
     text = F.normalize(text + 1.6 * common, dim=-1)    # cos between class embeddings ~0.7, as CLIP's
     return _World(protos, common, text.float(), experts, confusable)
@@ -264,7 +265,7 @@ def _image_record(model: str, dataset: str, split: str, index: int, num_images: 
 def write_synthetic_cache(out_dir: str | os.PathLike, model: str, dataset: str, split: str, *,
                           num_images: int | None = None, seed: int = 0, feature_dim: int = 32,
                           protocol: str = "authors", planted_per_class: int = 4,
-                          images_per_shard: int = 256) -> Path:
+                          images_per_shard: int = 256, templates=None) -> Path:
     """Write a complete synthetic feature cache for ``(model, dataset, split)`` into ``out_dir``.
 
     ``num_images`` defaults to :func:`default_num_images`. The manifest carries ``"source": "synthetic"`` and
@@ -286,10 +287,12 @@ def write_synthetic_cache(out_dir: str | os.PathLike, model: str, dataset: str, 
                              ("planted_per_class", planted_per_class, 1), ("seed", seed, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name}: expected an integer >= {low}, received {value!r}")
-    if planted_per_class > NUM_TEMPLATES:
-        raise ValueError(f"planted_per_class: expected at most {NUM_TEMPLATES}, received {planted_per_class}")
+    from floss.core.templates import as_template_set
+    ts = as_template_set(templates)       # only M matters to the generator; the texts are recorded and keyed
+    if planted_per_class > len(ts):
+        raise ValueError(f"planted_per_class: expected at most {len(ts)} (templates), received {planted_per_class}")
     settings = synthetic_settings(model, dataset, protocol)
-    world = _world(model, dataset, seed, feature_dim, planted_per_class)
+    world = _world(model, dataset, seed, feature_dim, planted_per_class, len(ts))
     queries, query_to_class = query_names(rankings_dataset(dataset), knobs.protocol_model)
     meta = {"model": model, "dataset": dataset, "split": split, "class_names": list(CLASS_NAMES[dataset]),
             "query_names": queries, "query_to_class": query_to_class, "settings": settings.to_dict()}
@@ -301,6 +304,8 @@ def write_synthetic_cache(out_dir: str | os.PathLike, model: str, dataset: str, 
     fingerprint = {"source": "synthetic", "code": code_identity(), "model": model, "dataset": dataset, "split": split, "seed": seed,
                    "num_images": num_images, "feature_dim": feature_dim, "protocol": protocol,
                    "planted_per_class": planted_per_class, "generator_version": GENERATOR_VERSION}
+    if not ts.is_default:      # CLIP's 80 keep the fingerprint and manifest they always had
+        fingerprint["templates"], meta["templates"] = ts.digest, list(ts)
     out = Path(out_dir)
     # fp16 on disk: the generator works in float64, and rounding to fp16 makes the stored bytes the same on every
     # CPU (a last-bit difference of a float64 operation cannot survive it)

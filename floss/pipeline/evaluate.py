@@ -19,17 +19,23 @@ from floss.pipeline.common import _device, _select, cache_dir, rankings_path, ru
 logger = logging.getLogger("floss.pipeline")   # the stages log under the pipeline's name (as before the split)
 
 
-def _experts(params: Mapping, model: str, dataset: str) -> list[list[int]]:
+def _experts(params: Mapping, model: str, dataset: str, cache_path: Path | None = None) -> list[list[int]]:
     """Top-N experts per class of ``model``'s rankings on ``dataset`` (:func:`floss.core.rankings.select_experts`, the
-    authors' rule for classes with fewer than N valid templates)."""
+    authors' rule for classes with fewer than N valid templates); with ``cache_path``, the rankings must be of the
+    template set of that feature cache."""
     from floss.core.classes import ranking_keys
-    from floss.core.rankings import load_rankings, select_experts
+    from floss.core.rankings import check_rankings_templates, load_rankings, select_experts
 
     ev = params["evaluate"]
     path = rankings_path(model, dataset)
     if ev["metric"] != "entropy":
         path = path.with_name(f"template_rankings_{model}_{dataset}.{ev['metric']}.json")
-    return select_experts(load_rankings(path), n=ev["n_experts"], metric=ev["metric"],
+    rankings = load_rankings(path)
+    if cache_path is not None:
+        from floss.data.cache import FeatureCache
+        check_rankings_templates(rankings, FeatureCache(cache_path).templates, str(path), ev["metric"],
+                                 against=f"the templates of the feature cache {cache_path}")
+    return select_experts(rankings, n=ev["n_experts"], metric=ev["metric"],
                           class_names=ranking_keys(dataset, base_model(model)))
 
 
@@ -54,9 +60,11 @@ def _evaluate_into(params: Mapping, model: str, cache_path: Path, experts, out: 
 def stage_evaluate(params: Mapping, model: str, dataset: str | None = None) -> None:
     """Baseline, FLOSS (every fusion) and per-template mIoU on the val caches -> results/eval/<model>/ (one job per
     dataset, spread over :func:`~floss.pipeline.common.stage_workers` processes)."""
-    jobs = [(params, model, cache_dir(model, d, "val"), _experts(params, model, d),
-             paths.ROOT / "results" / "eval" / model / f"{d}.json", params["evaluate"]["per_template"])
-            for d, _ in _select([(d, "val") for d in params["models"][model]], dataset)]
+    jobs = []
+    for d, _ in _select([(d, "val") for d in params["models"][model]], dataset):
+        val = cache_dir(model, d, "val")
+        jobs.append((params, model, val, _experts(params, model, d, val),
+                     paths.ROOT / "results" / "eval" / model / f"{d}.json", params["evaluate"]["per_template"]))
     run_jobs(_evaluate_into, jobs, stage_workers(params, _device(params["evaluate"]["device"])))
 
 

@@ -1,6 +1,7 @@
 """The pipeline's feature stages: ``stage extract`` (feature caches: synthetic in the demo profile, the real models
-and datasets in the paper profile, torchrun when ``extract.gpus > 1``) and ``stage rank`` (the 80 templates ranked
-on the train split, from caches or straight from the images).
+and datasets in the paper profile, torchrun when ``extract.gpus > 1``) and ``stage rank`` (the M templates ranked
+on the train split, from caches or straight from the images). The template set is the ``templates`` parameter
+(null: CLIP's 80; else a template file), :func:`floss.pipeline.params.pipeline_templates`.
 
 May import: the standard library, :mod:`floss.util.paths`, :mod:`floss.pipeline.params`, :mod:`floss.pipeline.common`, and
 (lazily, inside the functions) the computing modules (cache, extraction, protocol, rankings, datasets, classes,
@@ -47,9 +48,10 @@ def _extract_synthetic(params: Mapping, model: str, dataset: str, split: str, ou
         if json.loads(manifest.read_text()).get("fingerprint", {}).get("source") != "synthetic":
             raise CacheError(f"{out} holds a feature cache of real images ({manifest.name}); the demo profile "
                              "would replace it with synthetic data. Move it away or run the paper profile.")
+    from floss.pipeline.params import pipeline_templates
     write_synthetic_cache(out, model, dataset, split, num_images=counts[split], seed=syn["seed"],
                           feature_dim=syn["feature_dim"], protocol=params["extract"]["protocol"],
-                          planted_per_class=syn["planted_per_class"])
+                          planted_per_class=syn["planted_per_class"], templates=pipeline_templates(params))
 
 
 def _extract_real(params: Mapping, model: str, todo: list[tuple[str, str]], dataset: str | None,
@@ -63,7 +65,7 @@ def _extract_real(params: Mapping, model: str, todo: list[tuple[str, str]], data
     from floss.core.classes import CLASS_NAMES, query_names
     from floss.data.datasets import open_dataset
     from floss.protocol.extraction import cache_fingerprint, extract_split, text_embeddings, write_skipped_report
-    from floss.pipeline.params import dataset_folder
+    from floss.pipeline.params import dataset_folder, pipeline_templates
     from floss.util.provenance import input_identities
 
     argv = ["stage", "extract", "--model", model] + (["--dataset", dataset] if dataset else []) + \
@@ -74,6 +76,7 @@ def _extract_real(params: Mapping, model: str, todo: list[tuple[str, str]], data
         subprocess.run(cmd, check=True, cwd=paths.ROOT)
         return
     ex = params["extract"]
+    templates = pipeline_templates(params)
     ctx = distributed.context()
     device = distributed.device_for(_device(ex["device"]), ctx)
     net = load_pipeline_model(params, model, device)
@@ -84,17 +87,18 @@ def _extract_real(params: Mapping, model: str, todo: list[tuple[str, str]], data
     for d, splits in by_dataset.items():
         settings = net.protocol_settings(d, ex["protocol"])
         queries, q2c = query_names(d, base_model(model))
-        text = text_embeddings(net, queries, cache_dir=_text_cache())
+        text = text_embeddings(net, queries, cache_dir=_text_cache(), templates=templates)
         for s in splits:
             ds = open_dataset(d, dataset_folder(params, d), s)
             ids = sorted(ds.ids)
             inputs = input_identities(ds, ids)
             meta = {"model": model, "dataset": d, "split": s, "class_names": list(CLASS_NAMES[d]),
-                    "query_names": queries, "query_to_class": q2c, "settings": settings.to_dict()}
+                    "query_names": queries, "query_to_class": q2c, "settings": settings.to_dict(),
+                    "templates": None if templates.is_default else list(templates)}
             w = ex["weights"][model]
             fingerprint = cache_fingerprint(net, model, d, s, settings, dtype=ex["cache_dtype"],
                                             pretrained=w["pretrained"], checkpoint=load_checkpoint_path(w),
-                                            inputs=inputs)
+                                            inputs=inputs, templates=templates)
             out = cache_dir(model, d, s)
             mine = set(distributed.shard(ids, ctx))
             extract_split(net, ds, out, ids=[i for i in ids if i in mine], inputs=[x for x in inputs if x[0] in mine],
@@ -110,10 +114,12 @@ def _extract_real(params: Mapping, model: str, todo: list[tuple[str, str]], data
 
 
 def stage_rank(params: Mapping, model: str, dataset: str | None = None) -> None:
-    """Rank the 80 templates on the train split: rankings JSON (authors' schema, one per metric; entropy keeps the
+    """Rank the M templates on the train split: rankings JSON (authors' schema, one per metric; entropy keeps the
     authors' file name) and the TemplateStats (results/stats; with per-image records for the ``low_data``
     pairs). From the train caches (demo, ``rank.source: cache``; one job per dataset, spread over
     :func:`~floss.pipeline.common.stage_workers` processes) or straight from the train images."""
+    from floss.pipeline.params import pipeline_templates
+
     datasets = [d for d, _ in _select([(d, "train") for d in params["models"][model]], dataset)]
     if ranks_from_cache(params):
         run_jobs(_rank_cache_into, [(params, model, d) for d in datasets],
@@ -123,7 +129,7 @@ def stage_rank(params: Mapping, model: str, dataset: str | None = None) -> None:
     if stats is None:        # a torchrun rank other than 0: rank 0 writes the results
         return
     for d, st in stats.items():
-        _write_ranking(params, model, d, st)
+        _write_ranking(params, model, d, st, pipeline_templates(params))
 
 
 def _rank_cache_into(params: Mapping, model: str, dataset: str) -> None:
@@ -136,11 +142,12 @@ def _rank_cache_into(params: Mapping, model: str, dataset: str) -> None:
     track = model == low.get("model") and dataset in low.get("datasets", ())
     st = rank_cache(cache, metrics=params["rank"]["metrics"], track_images=track,
                     device=_device(params["rank"]["device"]))
-    _write_ranking(params, model, dataset, st)
+    _write_ranking(params, model, dataset, st, cache.templates)     # the texts of the cache's text embeddings
 
 
-def _write_ranking(params: Mapping, model: str, d: str, st) -> None:
-    """The rankings JSON of every metric and the statistics of ``model`` on dataset ``d``."""
+def _write_ranking(params: Mapping, model: str, d: str, st, templates) -> None:
+    """The rankings JSON of every metric (recording ``templates`` unless CLIP's 80) and the statistics of
+    ``model`` on dataset ``d``."""
     from floss.core.classes import ranking_keys
     from floss.core.rankings import save_rankings
 
@@ -150,7 +157,7 @@ def _write_ranking(params: Mapping, model: str, d: str, st) -> None:
         path = rankings_path(model, d)
         if metric != "entropy":
             path = path.with_name(f"template_rankings_{model}_{d}.{metric}.json")
-        rankings = st.rankings(keys, metric=metric, model=model, dataset=d, split="train")
+        rankings = st.rankings(keys, metric=metric, model=model, dataset=d, split="train", templates=templates)
         if skipped is not None:
             rankings["images"], rankings["skipped_images"] = st.num_images, len(skipped)
         save_rankings(rankings, path, metric)
@@ -170,7 +177,7 @@ def _rank_from_images(params: Mapping, model: str, datasets: list[str], dataset:
     from floss.core.classes import query_names
     from floss.data.datasets import open_dataset
     from floss.protocol.extraction import cache_fingerprint, rank_dataset, text_embeddings
-    from floss.pipeline.params import dataset_folder
+    from floss.pipeline.params import dataset_folder, pipeline_templates
 
     cmd = torchrun_command(params, ["stage", "rank", "--model", model] + (["--dataset", dataset] if dataset else []))
     if cmd is not None:            # every rank runs this stage; rank 0 writes the results
@@ -178,6 +185,7 @@ def _rank_from_images(params: Mapping, model: str, datasets: list[str], dataset:
         subprocess.run(cmd, check=True, cwd=paths.ROOT)
         return None
     ex, low = params["extract"], params.get("low_data", {})
+    templates = pipeline_templates(params)
     ctx = distributed.context()
     device = distributed.device_for(_device(params["rank"]["device"]), ctx)
     net = load_pipeline_model(params, model, device)
@@ -186,11 +194,11 @@ def _rank_from_images(params: Mapping, model: str, datasets: list[str], dataset:
     for d in datasets:
         settings = net.protocol_settings(d, ex["protocol"])
         queries, q2c = query_names(d, base_model(model))
-        text = text_embeddings(net, queries, cache_dir=_text_cache())
+        text = text_embeddings(net, queries, cache_dir=_text_cache(), templates=templates)
         ds = open_dataset(d, dataset_folder(params, d), "train", labels=False)
         w = ex["weights"][model]
         fingerprint = {**cache_fingerprint(net, model, d, "train", settings, dtype="none", pretrained=w["pretrained"],
-                                           checkpoint=load_checkpoint_path(w)),
+                                           checkpoint=load_checkpoint_path(w), templates=templates),
                        "metrics": list(params["rank"]["metrics"]), "queries": queries,
                        "on_bad_image": ex["on_bad_image"]}
         track = model == low.get("model") and d in low.get("datasets", ())

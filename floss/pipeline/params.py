@@ -21,7 +21,7 @@ RANKING_DATASETS = ("cityscapes", "pascalvoc20", "pascalco59", "ade20k", "cocost
 TRANSFER_DATASETS = ("acdc_night", "acdc_fog", "acdc_rain", "acdc_snow", "bdd", "mapillary")
 METRICS = ("entropy", "avgprob", "mano", "iti")
 FUSIONS = ("highest", "average", "default", "average_all")
-NUM_TEMPLATES = 80
+NUM_TEMPLATES = 80      # CLIP's 80 (``templates: null``); a template file sets its own M (:func:`num_templates`)
 
 _SECTIONS = {
     "authors": {"url", "local", "timeout_s"},
@@ -89,6 +89,35 @@ def _section(params: Mapping, name: str) -> Mapping:
     return sec
 
 
+def pipeline_templates(params: Mapping, *, check_paths: bool = True):
+    """The :class:`floss.core.templates.TemplateSet` of ``templates`` (null or absent: CLIP's 80; else a template
+    file, relative to the repository root or absolute); a bad value fails naming the key. With
+    ``check_paths=False`` a missing file gives None (its M is unknown)."""
+    from floss.core.templates import DEFAULT_TEMPLATES, load_templates
+
+    value = params.get("templates")
+    if value is None:
+        return DEFAULT_TEMPLATES
+    if not isinstance(value, str) or not value:
+        _fail("templates", "null (CLIP's 80 templates) or the path of a template file (one template with '{}' per "
+                           "line)", value)
+    path = paths.from_root(value)
+    if not path.is_file():
+        if check_paths:
+            _fail("templates", "an existing template file (relative to the repository root)", str(path))
+        return None
+    try:
+        return load_templates(path)
+    except ValueError as err:
+        raise ParamsError(f"params.yaml: templates: {err}") from None
+
+
+def num_templates(params: Mapping, *, check_paths: bool = True) -> int | None:
+    """M of the pipeline's template set (None when its file is missing and ``check_paths`` is False)."""
+    ts = pipeline_templates(params, check_paths=check_paths)
+    return None if ts is None else len(ts)
+
+
 def validate_params(params: Any, *, check_paths: bool = True) -> dict:
     """Check every key the pipeline reads; return ``params`` (a dict) unchanged. Raises :class:`ParamsError`."""
     if not isinstance(params, Mapping):
@@ -110,6 +139,7 @@ def validate_params(params: Any, *, check_paths: bool = True) -> dict:
         _int(params, "cpu_threads", 0, 1024)
     if "cpu_workers" in params:
         _int(params, "cpu_workers", 0, 1024)
+    num_m = num_templates(params, check_paths=check_paths)     # M bounds the expert counts
 
     a = _section(params, "authors")
     if not isinstance(a["url"], str) or not a["url"].startswith(("http://", "https://")):
@@ -158,7 +188,7 @@ def validate_params(params: Any, *, check_paths: bool = True) -> dict:
     s = _section(params, "synthetic")
     _int(s, "synthetic.seed", 0)
     _int(s, "synthetic.feature_dim", 8, 4096)
-    _int(s, "synthetic.planted_per_class", 1, NUM_TEMPLATES)
+    _int(s, "synthetic.planted_per_class", 1, num_m)
     images = s["images"]
     if not isinstance(images, Mapping):
         _fail("synthetic.images", "a mapping dataset -> {train, val}", images)
@@ -176,13 +206,13 @@ def validate_params(params: Any, *, check_paths: bool = True) -> dict:
     _names(r["metrics"], "rank.metrics", METRICS)
     _device(r["device"], "rank.device")
     ev = _section(params, "evaluate")
-    _int(ev, "evaluate.n_experts", 1, NUM_TEMPLATES)
+    _int(ev, "evaluate.n_experts", 1, num_m)
     _choice(ev["metric"], "evaluate.metric", r["metrics"])
     _names(ev["fusions"], "evaluate.fusions", FUSIONS)
     if not isinstance(ev["per_template"], bool):
         _fail("evaluate.per_template", "true or false", ev["per_template"])
     _device(ev["device"], "evaluate.device")
-    _validate_notebooks(params, models)
+    _validate_notebooks(params, models, num_m)
     if profile == "paper" and check_paths:
         check_paper_inputs(params)
     return dict(params)
@@ -283,7 +313,7 @@ def check_paper_inputs(params: Mapping) -> None:
                                       f"exist (expected {layout.expected_files(split)}; {layout.conversion})")
 
 
-def _validate_notebooks(params: Mapping, models: Mapping) -> None:
+def _validate_notebooks(params: Mapping, models: Mapping, m: int | None = NUM_TEMPLATES) -> None:
     if "low_data" in params:
         ld = _section(params, "low_data")
         # any known model and dataset: a subset of the matrix (``-S '~models.x'``) leaves the rest "not run"
@@ -297,8 +327,8 @@ def _validate_notebooks(params: Mapping, models: Mapping) -> None:
     if "topn" in params:
         ns = params["topn"]
         if not isinstance(ns, list) or not ns or any(isinstance(v, bool) or not isinstance(v, int)
-                                                     or not 1 <= v <= NUM_TEMPLATES for v in ns):
-            _fail("topn", f"a non-empty list of integers in 1..{NUM_TEMPLATES}", ns)
+                                                     or not 1 <= v <= (m or v) for v in ns):
+            _fail("topn", f"a non-empty list of integers in 1..{m or 'M'}", ns)
     if "oracle" in params:
         o = _section(params, "oracle")
         n = params["evaluate"]["n_experts"]
@@ -310,8 +340,8 @@ def _validate_notebooks(params: Mapping, models: Mapping) -> None:
                   "(evaluate.n_experts)", rhos)
         _int(o, "oracle.seeds", 1)
         if not isinstance(o["ns"], list) or not o["ns"] or any(
-                isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= NUM_TEMPLATES for v in o["ns"]):
-            _fail("oracle.ns", f"a non-empty list of integers in 1..{NUM_TEMPLATES}", o["ns"])
+                isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= (m or v) for v in o["ns"]):
+            _fail("oracle.ns", f"a non-empty list of integers in 1..{m or 'M'}", o["ns"])
     if "qualitative" in params:
         _int(_section(params, "qualitative"), "qualitative.num_images", 1, 50)
 

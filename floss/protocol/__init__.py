@@ -245,4 +245,7 @@ def evaluate_cache(cache: FeatureCache, experts: Sequence[Sequence[int]] | None 
                           "num_images": len(cache), "skipped_images": len(m.get("skipped", [])),
                           "settings": m["settings"], "fingerprint": m["fingerprint"]},
                "confusion": conf}
+    templates = cache.templates
+    if not templates.is_default:       # which prompts the per-template ids and experts mean (CLIP's 80: as before)
+        results["templates"] = list(templates)
     return results

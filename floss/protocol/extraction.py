@@ -82,19 +82,22 @@ def _text_identity(model) -> dict | None:
 
 @torch.no_grad()
 def text_embeddings(model, queries: Sequence[str], *, cache_dir: str | os.PathLike | None = None,
-                    use_cache: bool = True, progress: bool = True) -> torch.Tensor:
-    """The ``[80, Q, D]`` per-template embeddings of ``queries`` (float32, CPU), batched on the model's device.
+                    use_cache: bool = True, progress: bool = True, templates=None) -> torch.Tensor:
+    """The ``[M, Q, D]`` per-template embeddings of ``queries`` (float32, CPU), batched on the model's device.
 
-    With ``use_cache`` they are read from / written to ``cache_dir`` (default :func:`default_text_cache`) under a
-    key of everything that determines them, so each (text tower, query set) is encoded once.
+    ``templates``: the template set (:func:`floss.core.templates.as_template_set`: None = CLIP's 80, a file path,
+    a list of texts). With ``use_cache`` they are read from / written to ``cache_dir`` (default
+    :func:`default_text_cache`) under a key of everything that determines them (the template texts included), so
+    each (text tower, template set, query set) is encoded once.
     """
-    from floss.core.templates import IMAGENET_TEMPLATES
+    from floss.core.templates import as_template_set
     from floss.core.text import template_embeddings
 
+    ts = as_template_set(templates)
     ident = _text_identity(model) if use_cache else None
     path = None
     if ident is not None:
-        key = {"version": TEXT_CACHE_VERSION, "code": code_identity(), **ident, "templates": list(IMAGENET_TEMPLATES),
+        key = {"version": TEXT_CACHE_VERSION, "code": code_identity(), **ident, "templates": list(ts),
                "queries": list(queries)}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
         path = Path(cache_dir or default_text_cache()) / f"{digest}.safetensors"
@@ -102,7 +105,7 @@ def text_embeddings(model, queries: Sequence[str], *, cache_dir: str | os.PathLi
             from safetensors.torch import load_file
             logger.info("text embeddings of %d queries from %s", len(queries), path)
             return load_file(path)["templates"]
-    emb = template_embeddings(model.encode_text, list(queries), device="cpu", progress=progress,
+    emb = template_embeddings(model.encode_text, list(queries), templates=ts, device="cpu", progress=progress,
                               batch_size=getattr(model, "text_batch_size", 256))
     if path is not None:
         from safetensors.torch import save_file
@@ -169,10 +172,15 @@ def encode_or_skip(model, image_id: str, prepared, path) -> tuple:
 
 def cache_fingerprint(model, model_name: str, dataset: str, split: str, settings, *, dtype: str,
                       limit: int | None = None, pretrained: str | None = None,
-                      checkpoint: str | None = None, inputs: Sequence[Sequence[str]] | None = None) -> dict:
+                      checkpoint: str | None = None, inputs: Sequence[Sequence[str]] | None = None,
+                      templates=None) -> dict:
     """The fingerprint of a feature cache or ranking checkpoint: everything that determines its bytes (code,
-    weights, settings, the input list ``inputs`` of :func:`floss.util.provenance.input_identities`)."""
-    return {"code": code_identity(), "inputs": None if inputs is None else inputs_digest(inputs),
+    weights, settings, the input list ``inputs`` of :func:`floss.util.provenance.input_identities`, and the
+    template set: a ``"templates"`` digest for any set but CLIP's 80, whose fingerprints stay as they were)."""
+    from floss.core.templates import templates_key
+
+    key = templates_key(templates)
+    return ({"templates": key} if key is not None else {}) | {"code": code_identity(), "inputs": None if inputs is None else inputs_digest(inputs),
             "model": model_name, "backbone": getattr(model, "backbone", None),
             "weights": weights_id(pretrained, getattr(model, "pretrained", None)),
             "checkpoint": f"sha256:{file_sha256(checkpoint)}" if checkpoint else None,
