@@ -322,7 +322,8 @@ def test_evaluate_per_template_at_protocol_size_equals_rendering(tmp_path, fast_
     label = torch.randint(0, 4, (300, 600), generator=g).to(torch.uint8)
     rec = ImageRecord("big", feats, boxes, (448, 896), (300, 600), label)
     meta = {"model": "t", "dataset": "toy", "split": "val", "class_names": list("abcd"),
-            "query_names": list("vwxyz"), "query_to_class": q2c, "settings": s.to_dict()}
+            "query_names": list("vwxyz"), "query_to_class": q2c, "settings": s.to_dict(),
+            "templates": [f"template {t} of a {{}}." for t in range(len(text))]}   # M != 80: the texts are recorded
     with CacheWriter(tmp_path / "c", meta, {"k": 1}, text, dtype=torch.float32) as w:
         w.add(rec)
     cache = FeatureCache(tmp_path / "c")

@@ -98,7 +98,8 @@ def build_cache(path, stage="window", synonyms=False, protocol_name="authors", n
     text = F.normalize(torch.randn(6, Q, D, generator=torch.Generator().manual_seed(5)), dim=-1)
     s = make_settings(stage, fp16=fp16, protocol_name=protocol_name, renorm=renorm, scale=10.0)
     meta = {"model": "test", "dataset": "toy", "split": "val", "class_names": [f"c{k}" for k in range(K)],
-            "query_names": [f"q{q}" for q in range(Q)], "query_to_class": q2c, "settings": s.to_dict()}
+            "query_names": [f"q{q}" for q in range(Q)], "query_to_class": q2c, "settings": s.to_dict(),
+            "templates": [f"template {t} of a {{}}." for t in range(len(text))]}   # M != 80: the texts are recorded
     with CacheWriter(path, meta, {"toy": 1}, text, images_per_shard=2, dtype=torch.float32) as w:
         for i in range(n):
             w.add(make_record(i, orig=[(50, 97), (23, 31), (40, 72)][i % 3], text=text))

@@ -42,7 +42,11 @@ def test_paper_averages_are_consistent_with_the_typed_rows():
         diff = (values[full].mean(axis=1) - frame.loc[full, "avg"]).abs()
         assert (diff <= 0.11 if item != "table2" else diff <= 1.0).all(), (item, variant, diff[diff > 0.11])
     t1 = paper.table_frame("table1")
-    assert t1["quoted"].sum() == 8 and not t1.loc["clipdinoiser+floss", "quoted"]
+    # GEM's row is reproduced by gem_quoted (ClearCLIP's re-run of GEM): compared, not only quoted
+    assert t1["quoted"].sum() == 7 and not t1.loc["clipdinoiser+floss", "quoted"]
+    assert not t1.loc["gem_quoted", "quoted"] and t1.loc["gem_quoted", "cityscapes"] == 32.6
+    assert paper.table_frame("table5", "vitb16").loc["gem_quoted", "pascalco59"] == 35.6
+    assert paper.table_frame("table5", "vitl14").loc["GEM [3]", "quoted"]                # no L/14 variant: quoted
 
 
 def _comparison():

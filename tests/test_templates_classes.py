@@ -103,5 +103,5 @@ def test_unknown_dataset_or_model_names_the_known_ones():
         ranking_keys("cityscapes", "segformer")
     with pytest.raises(TypeError, match="dataset"):
         class_names(3)
-    assert MODELS == ("maskclip", "clipdinoiser", "naclip", "sclip", "clearclip", "gem")
+    assert MODELS == ("maskclip", "clipdinoiser", "naclip", "sclip", "clearclip", "gem", "resclip", "scclip", "gem_quoted")
     assert query_names("cityscapes", None)[0] == CLASS_NAMES["cityscapes"]

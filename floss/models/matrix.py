@@ -18,6 +18,10 @@ MATRIX_MODELS: dict[str, tuple[str, str, str]] = {
     "clearclip": ("clearclip", "ViT-B-16-quickgelu", "openai"),
     "gem": ("gem", "ViT-B-16-quickgelu", "openai"),
     "gem_vitl14": ("gem", "ViT-L-14-quickgelu", "openai"),
+    # beyond the paper: GEM as the paper quotes it (ClearCLIP's re-run), and two 2025 methods
+    "gem_quoted": ("gem_quoted", "ViT-B-16-quickgelu", "openai"),
+    "resclip": ("resclip", "ViT-B-16-quickgelu", "openai"),
+    "scclip": ("scclip", "ViT-B-16-quickgelu", "openai"),
 }
 MODELS = tuple(MATRIX_MODELS)
 

@@ -15,7 +15,8 @@ import yaml
 #: display names of the model keys used throughout the pipeline
 MODEL_LABELS = {"maskclip": "MaskCLIP", "naclip": "NACLIP", "clipdinoiser": "CLIP-DINOiser",
                 "naclip_vitl14": "NACLIP (ViT-L/14)", "sclip": "SCLIP", "clearclip": "ClearCLIP", "gem": "GEM",
-                "sclip_vitl14": "SCLIP (ViT-L/14)", "gem_vitl14": "GEM (ViT-L/14)"}
+                "sclip_vitl14": "SCLIP (ViT-L/14)", "gem_vitl14": "GEM (ViT-L/14)",
+                "gem_quoted": "GEM as quoted", "resclip": "ResCLIP", "scclip": "SC-CLIP"}
 #: short dataset column names, as the paper's tables print them
 DATASET_LABELS = {"cityscapes": "CS", "pascalvoc20": "VOC20", "pascalco59": "PC59", "ade20k": "ADE",
                   "cocostuff": "Stuff", "acdc_night": "Night", "acdc_fog": "Fog", "acdc_rain": "Rain",
@@ -84,7 +85,8 @@ def table_frame(item: str, variant: str | None = None) -> pd.DataFrame:
     if item in ("table1", "table3"):
         datasets = list(_get(item, "datasets")) + ["avg"]
         for q in (_get(item, "quoted") if item == "table1" else []):
-            rows[q["method"]] = {**{d: q.get(d) for d in datasets}, "quoted": True}
+            rows[q.get("reproduced_by", q["method"])] = {**{d: q.get(d) for d in datasets},
+                                                          "quoted": "reproduced_by" not in q}
         for model, methods in _get(item, "reproduced").items():
             rows[model] = {**{d: methods["baseline"].get(d) for d in datasets}, "quoted": False}
             rows[f"{model}+floss"] = {**{d: methods["floss"].get(d) for d in datasets}, "quoted": False}
@@ -93,7 +95,8 @@ def table_frame(item: str, variant: str | None = None) -> pd.DataFrame:
             raise ValueError(f"variant: expected 'vitb16' or 'vitl14' for table5, received {variant!r}")
         datasets = list(_get(item, "datasets")) + ["avg"]
         for q in _get(item, "quoted", variant):
-            rows[q["method"]] = {**{d: q.get(d) for d in datasets}, "quoted": True}
+            rows[q.get("reproduced_by", q["method"])] = {**{d: q.get(d) for d in datasets},
+                                                          "quoted": "reproduced_by" not in q}
         rep = _get(item, "reproduced", variant)
         rows[rep["model"]] = {**{d: rep["baseline"].get(d) for d in datasets}, "quoted": False}
         rows[f"{rep['model']}+floss"] = {**{d: rep["floss"].get(d) for d in datasets}, "quoted": False}
