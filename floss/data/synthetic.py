@@ -84,6 +84,10 @@ SYNTHETIC_MODELS: dict[str, _ModelKnobs] = {
     "clearclip": _ModelKnobs("clearclip", "openai-vitb16", 0.175, 0.9),
     "gem": _ModelKnobs("gem", "openai-vitb16", 0.17, 0.92),
     "gem_vitl14": _ModelKnobs("gem", "openai-vitl14", 0.17, 0.95),
+    "gem_quoted": _ModelKnobs("gem_quoted", "openai-vitb16", 0.17, 0.9),
+    # 2025 methods on OpenAI CLIP ViT-B/16 (the same text tower: the same planted experts)
+    "resclip": _ModelKnobs("resclip", "openai-vitb16", 0.18, 0.85),
+    "scclip": _ModelKnobs("scclip", "openai-vitb16", 0.18, 0.9),
 }
 
 # per dataset: classes drawn per image, void (255) weight, image sizes (H, W) at original resolution

@@ -52,7 +52,8 @@ PAPER_MATRIX = {"maskclip": ["cityscapes", "pascalvoc20", "pascalco59", "ade20k"
                 "clipdinoiser": ["cityscapes", "pascalvoc20", "pascalco59", "ade20k", "cocostuff"],
                 "naclip_vitl14": ["cityscapes", "pascalco59"],
                 **{m: ["cityscapes", "pascalco59"] for m in ("sclip", "clearclip", "gem", "sclip_vitl14",
-                                                               "gem_vitl14")}}
+                                                               "gem_vitl14", "resclip", "scclip")},
+                "gem_quoted": ["cityscapes", "pascalco59", "ade20k"]}
 
 
 def ran(matrix: Mapping[str, Sequence[str]] | None, model: str, dataset: str) -> bool:
