@@ -96,7 +96,7 @@ def _run_stage(args: argparse.Namespace) -> int:
     params = load_params(args.params)
     if args.stage not in ("metrics", "authors", "inputs"):
         _set_threads(params)
-    needs_model = args.stage in ("extract", "rank", "evaluate")
+    needs_model = args.stage in ("rank", "evaluate")        # extract without --model: every model
     if needs_model and not args.model:
         raise ValueError(f"stage {args.stage}: --model is required (one of {sorted(params['models'])})")
     if args.model and args.model not in params["models"]:

@@ -25,14 +25,21 @@ from floss.pipeline.common import (_caches_of, _device, _rank_state, _select, _t
 logger = logging.getLogger("floss.pipeline")   # the stages log under the pipeline's name (as before the split)
 
 
-def stage_extract(params: Mapping, model: str, dataset: str | None = None, split: str | None = None) -> None:
-    """Write the feature caches of ``model`` (all its (dataset, split) pairs, or the one asked)."""
-    todo = _select(_caches_of(params, model), dataset, split)
+def stage_extract(params: Mapping, model: str | None = None, dataset: str | None = None,
+                  split: str | None = None) -> None:
+    """Write the feature caches of ``model`` (all its (dataset, split) pairs, or the one asked), or of every model
+    of the matrix (``model=None``: DVC's one extract stage). A complete cache with the same fingerprint (code,
+    weights, inputs, settings) is kept, so a rerun only writes what changed. On CPU the jobs (demo: one per cache;
+    paper: one per model, which loads its model once) are spread over :func:`stage_workers` processes."""
+    models = list(params["models"]) if model is None else [model]
     if params["profile"] == "demo":
-        for d, s in todo:
-            _extract_synthetic(params, model, d, s, cache_dir(model, d, s))
-    else:
-        _extract_real(params, model, todo, dataset, split)
+        jobs = [(params, m, d, s, cache_dir(m, d, s)) for m in models
+                for d, s in _select(_caches_of(params, m), dataset, split)]
+        run_jobs(_extract_synthetic, jobs, stage_workers(params, "cpu"))
+        return
+    jobs = [(params, m, _select(_caches_of(params, m), dataset, split), dataset, split) for m in models]
+    workers = 1 if params["extract"]["gpus"] > 1 else stage_workers(params, _device(params["extract"]["device"]))
+    run_jobs(_extract_real, jobs, workers)
 
 
 def _extract_synthetic(params: Mapping, model: str, dataset: str, split: str, out: Path) -> None:

@@ -16,7 +16,7 @@ import yaml
 MODEL_LABELS = {"maskclip": "MaskCLIP", "naclip": "NACLIP", "clipdinoiser": "CLIP-DINOiser",
                 "naclip_vitl14": "NACLIP (ViT-L/14)", "sclip": "SCLIP", "clearclip": "ClearCLIP", "gem": "GEM",
                 "sclip_vitl14": "SCLIP (ViT-L/14)", "gem_vitl14": "GEM (ViT-L/14)",
-                "gem_quoted": "GEM as quoted", "resclip": "ResCLIP", "scclip": "SC-CLIP"}
+                "gem_quoted": "GEM-quoted [3]", "resclip": "ResCLIP", "scclip": "SC-CLIP"}
 #: short dataset column names, as the paper's tables print them
 DATASET_LABELS = {"cityscapes": "CS", "pascalvoc20": "VOC20", "pascalco59": "PC59", "ade20k": "ADE",
                   "cocostuff": "Stuff", "acdc_night": "Night", "acdc_fog": "Fog", "acdc_rain": "Rain",
