@@ -115,6 +115,10 @@ def make_weights(folder: Path) -> dict[str, dict[str, str]]:
         cfg["vision_cfg"]["layers"] = 6
         (folder / f"{name}.json").write_text(json.dumps(cfg, indent=1))
         deep[src] = (folder / f"{name}.json", _tiny_weights(folder / f"{name}.json", folder / f"{name}.pt", seed))
+    # ResCLIP (RCS over blocks 6-9) and SC-CLIP (blocks 4-10) need the 12 blocks of a ViT-B: a 12-block tiny one
+    twelve = folder / "tiny-vit-quickgelu-12.json"
+    shutil.copy(ASSETS / "tiny-vit-quickgelu-12.json", twelve)
+    twelve_w = _tiny_weights(twelve, folder / "tiny-vit-quickgelu-12.pt", 6)
     # every weights entry of params.yaml, by the kind of its official backbone
     official = yaml.safe_load((paths.ROOT / "params.yaml").read_text())["extract"]["weights"]
     out = {}
@@ -124,6 +128,8 @@ def make_weights(folder: Path) -> dict[str, dict[str, str]]:
                          (quick, quick_w) if "quickgelu" in name else (gelu, gelu_w))
         if model.startswith("gem") and config in deep:
             config, state = deep[config]
+        if model in ("resclip", "scclip"):
+            config, state = twelve, twelve_w
         out[model] = {"backbone": str(config), "pretrained": str(state),
                       "checkpoint": str(head_path) if entry.get("checkpoint") else None}
     return out

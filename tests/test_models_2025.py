@@ -417,8 +417,8 @@ def test_scclip_detectors():
     assert len(got) == 10 and sorted(got) == lof_reference(tokens)           # 10 of 196 at 224 px (B/16)
     assert {5, 77, 150} <= set(got)
     assert sorted(norm_anomalies(tokens).tolist()) == sorted(torch.topk(tokens.norm(dim=-1), 10).indices.tolist())
-    with pytest.raises(ValueError, match="k = 30"):
-        lof_anomalies(tokens[:30])
+    # at most k patches (the original raises): every other patch is a neighbour (k = N - 1)
+    assert sorted(lof_anomalies(tokens[:30]).tolist()) == lof_reference(tokens[:30], k=29)
 
 
 @pytest.mark.parametrize("size", [(96, 96), (112, 112)])
@@ -447,8 +447,17 @@ def test_scclip_native_grid_and_errors(tiny_scclip):
     x = _windows((1, 3, 64, 64), seed=11)
     ref = scclip_reference(m, x, m.visual.state_dict()["positional_embedding"], lambda t: lof_reference(t, k=5))
     assert float((m.window_features(x) - ref).abs().max()) <= 1e-5
-    with pytest.raises(ValueError, match="square"):
-        tiny_scclip.window_features(_windows((1, 3, 96, 112)))
+    # beyond the original's domain (it raises there): a non-square grid fills from its true h x w neighbours ...
+    x2 = _windows((1, 3, 96, 112), seed=12)
+    ref2 = scclip_reference(m, x2, scale_rule(m.visual.state_dict(), _grid(x2.shape[-2:])),
+                            lambda t: lof_reference(t, k=5))
+    assert float((m.window_features(x2) - ref2).abs().max()) <= 1e-5
+    # ... and a window of at most k patches takes every other patch as a LOF neighbour (k = N - 1)
+    tokens = torch.randn(28, 16, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(lof_anomalies(tokens, k=30), lof_anomalies(tokens, k=27))
+    assert sorted(lof_anomalies(tokens, k=30).tolist()) == lof_reference(tokens, k=27)
+    small = tiny_scclip.window_features(_windows((1, 3, 32, 224)))          # a 2 x 14 grid, 28 patches
+    assert small.shape[-2:] == (2, 14) and torch.isfinite(small).all()
     with pytest.raises(ValueError, match="blocks"):
         create_model("scclip", backbone=TINY_QUICKGELU, pretrained="none")
     with pytest.raises(ValueError, match="detector"):

@@ -24,8 +24,10 @@ Euclidean distances in fp32, the k = 30 nearest neighbours without self, kappa_i
 score_i = mean_j kappa_i / kappa_j over the neighbours, O = {score > quantile_0.95(score)} (10 of 196 at 224 px
 B/16). ``"norm"``: the release 74471da behind the Nov-2024 numbers, the 10 patch tokens of largest L2 norm.
 
-Windows must be square (the original's index decoding fails on any other grid): a non-square window raises
-ValueError. The positional embeddings of a non-native grid follow SCLIP's scale-factor rule.
+Beyond the original's domain (where it raises; everywhere else the two are identical): a non-square window (the
+original decodes flat indices with the row count for both division and modulo, so any other grid fails) uses its
+true h×w grid for the neighbour fill, and a window of at most k patches (tiny images) takes every other patch as
+its LOF neighbours (k = N − 1). The positional embeddings of a non-native grid follow SCLIP's scale-factor rule.
 """
 from __future__ import annotations
 
@@ -52,8 +54,9 @@ BACKBONE_PARAMS = {12: (9, 4, 4, 10, 0.3), 24: (17, 7, 9, 19, 0.1)}
 def lof_anomalies(tokens: torch.Tensor, k: int = 30, contamination: float = 0.05) -> torch.Tensor:
     """Indices of the anomalous rows of ``tokens`` [N, D] (simplified LOF of SC-CLIP's HEAD, in fp32)."""
     t = tokens.float()
-    if t.shape[0] <= k:
-        raise ValueError(f"scclip: the LOF needs more than k = {k} patch tokens per window, received {t.shape[0]}")
+    k = min(k, t.shape[0] - 1)          # at most k patches (the original raises): every other patch is a neighbour
+    if k < 1:
+        return torch.zeros(0, dtype=torch.long, device=t.device)
     dist = torch.cdist(t, t, compute_mode="donot_use_mm_for_euclid_dist").square()
     knn, idx = torch.topk(dist, k=k + 1, largest=False)
     knn, idx = knn[:, 1:], idx[:, 1:]                                   # the first column is "self"
@@ -174,9 +177,6 @@ class SCCLIP(ScaleRulePosEmbed, OpenClipDenseModel):
 
     def window_features(self, x: torch.Tensor) -> torch.Tensor:
         grid = self.window_grid(x)
-        if grid[0] != grid[1]:
-            raise ValueError(f"scclip: a {tuple(x.shape[-2:])} window gives a {grid[0]}x{grid[1]} grid; SC-CLIP "
-                             "only takes square windows (the original fails on any other grid)")
         z = self.window_tokens(self.intermediates(x, grid), grid)
         feats = (self.visual.ln_post(z) @ self.visual.proj).float()
         feats = feats / feats.norm(dim=-1, keepdim=True)
