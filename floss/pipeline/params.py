@@ -17,6 +17,7 @@ from floss.util import paths
 from floss.models.matrix import MATRIX_MODELS, MODELS, base_model  # noqa: F401  (re-exported)
 from floss.util.provenance import weight_file_problem
 
+
 RANKING_DATASETS = ("cityscapes", "pascalvoc20", "pascalco59", "ade20k", "cocostuff")
 TRANSFER_DATASETS = ("acdc_night", "acdc_fog", "acdc_rain", "acdc_snow", "bdd", "mapillary")
 METRICS = ("entropy", "avgprob", "mano", "iti")

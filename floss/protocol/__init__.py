@@ -92,15 +92,8 @@ def rank_record(st, record: ImageRecord, text: torch.Tensor, settings, query_to_
     chunk = max(1, min(template_chunk, rendering.MAX_BAND_ELEMENTS // max(1, Q * H * W)))
     for start in range(0, M, chunk):
         ids = list(range(start, min(start + chunk, M)))
-        if resampled:
-            renderer = _Renderer(record, out, device)
-            maps = window_scores(record, text[ids], settings, softmax=True, device=device)
-            maps = maps.reshape(maps.shape[0], -1, *maps.shape[3:])
-            probs = torch.cat([renderer.render(maps, band, window_fp16=settings.window_fp16, canvas_dtype=canvas_dtype)
-                               for band in renderer.bands(maps.shape[1])], dim=1)
-            probs = probs.reshape(len(ids), Q, H, W)
-        else:
-            probs = classify(record, text[ids], settings, out=out, device=device, canvas_dtype=canvas_dtype)
+        # the fp16 canvas comes back as float32 (an exact copy); TemplateStats reads either in float32
+        probs = classify(record, text[ids], settings, out=out, device=device, canvas_dtype=canvas_dtype)
         probs = merge_queries(probs, query_to_class, K)
         st.update(probs, size=tuple(record.orig_size) if resampled else None, templates=ids, features=feats,
                   image_id=record.id if st.track_images else None, normalized=Q == K)

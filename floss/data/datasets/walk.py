@@ -37,8 +37,8 @@ def _dir_key(st: os.stat_result) -> tuple[int, int]:
 
 
 class _Walk:
-    def __init__(self, root: Path, match: Callable[[str], bool], what: str):
-        self.root, self.match, self.what = root, match, what
+    def __init__(self, match: Callable[[str], bool], what: str):
+        self.match, self.what = match, what
         self.dirs: set[tuple[int, int]] = set()
         self.files: dict[tuple[int, int, str], str] = {}    # (folder dev, folder inode, name) -> relative path
         self.dir_links: deque[tuple[str, str]] = deque()     # (relative path, path)
@@ -116,7 +116,7 @@ def scan_tree(root: str | os.PathLike, match: Callable[[str], bool], *, what: st
         raise FileNotFoundError(f"{what}: folder {root} cannot be read ({err.strerror or err})") from None
     if not stat.S_ISDIR(st.st_mode):
         raise NotADirectoryError(f"{what}: {root} is not a folder")
-    walk = _Walk(root, match, what)
+    walk = _Walk(match, what)
     walk.dirs.add(_dir_key(st))
     walk.plain(os.fspath(root), "", _dir_key(st))
     walk.links()
