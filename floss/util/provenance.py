@@ -209,8 +209,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m floss.util.provenance", description=main.__doc__)
     p.add_argument("--out", type=Path, help="write the JSON here (atomically) instead of printing it")
+    p.add_argument("--params", type=Path, help="params.yaml: its rank.metric_plugins' sources are added to the "
+                                               "identity (a \"metric_plugins\" key, only when there are any)")
     args = p.parse_args(argv)
-    text = json.dumps({"code": code_identity()}, indent=1, sort_keys=True) + "\n"
+    doc = {"code": code_identity()}
+    if args.params is not None and args.params.is_file():
+        import yaml
+        plugins = ((yaml.safe_load(args.params.read_text()) or {}).get("rank") or {}).get("metric_plugins") or []
+        if plugins:      # the user's metric code: floss's digest cannot see it, every stage downstream must
+            doc["metric_plugins"] = {str(s): module_source_digest(str(s).split(":")[0]) for s in plugins}
+    text = json.dumps(doc, indent=1, sort_keys=True) + "\n"
     if args.out is None:
         sys.stdout.write(text)
         return 0
