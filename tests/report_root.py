@@ -14,7 +14,7 @@ from floss.core.rankings import save_rankings
 from floss.report.analysis import rankings_path, results_path
 from floss.data.synthetic import write_synthetic_cache
 
-METRICS = ("entropy", "avgprob", "mano", "iti")
+METRICS = ("entropy", "avgprob", "mano", "iti", "margin", "kurtosis", "spatial", "rank_ensemble")
 FUSIONS = ("highest", "average", "default", "average_all")
 TRAIN_IMAGES, VAL_IMAGES = 4, 2
 

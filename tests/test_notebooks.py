@@ -27,7 +27,7 @@ TRANSFER = [("clipdinoiser", "acdc_fog"), ("maskclip", "acdc_fog")]
 ALL = ["tab1_main_results", "tab2_expert_quality", "tab3_transfer", "tab4_fusion", "tab5_backbones",
        "fig1_single_templates", "fig3_low_data", "fig4_metrics_topn", "fig5_oracle", "fig6_best_experts",
        "fig7_improvement", "fig10_expert_quality", "fig12_entropy_iou", "qualitative", "authors_vs_ours",
-       "beyond_six_models"]
+       "beyond_six_models", "metric_bench"]
 #: what the tiny root ran (the pipeline passes params.yaml's `models`): every other pair must read "not run"
 MATRIX = {"clipdinoiser": ["cityscapes", "pascalvoc20"], "maskclip": ["cityscapes"], "naclip": ["cityscapes"]}
 #: notebooks run a second time on a copy of the root without the authors' data (offline, no local copy)
@@ -50,8 +50,11 @@ TINY = {
     "qualitative": {"num_images": 2, "max_images_fallback": 2},
     "authors_vs_ours": {"models": ["clipdinoiser", "maskclip"], "datasets": ["cityscapes"]},
     "beyond_six_models": {"models": ["maskclip", "clipdinoiser", "naclip"], "datasets": ["cityscapes", "pascalvoc20"]},
+    "metric_bench": {"metrics": ["entropy", "avgprob", "margin", "kurtosis", "spatial", "rank_ensemble"], "n": 4},
 }
 TINY = {name: {**params, **({"matrix": MATRIX} if name != "fig3_low_data" else {})} for name, params in TINY.items()}
+#: the metric bench also gets a pair without artifacts (maskclip/pascalvoc20): its cells must read "not run"
+TINY["metric_bench"]["matrix"] = {**MATRIX, "maskclip": ["cityscapes", "pascalvoc20"]}
 
 
 def _ensure_kernel() -> None:
@@ -173,3 +176,24 @@ def test_authors_vs_ours_overlap_and_oracle_table(executed):
     assert oracle.loc["oracle N=4", "mIoU paper"] == 37.5
     res = _results(root, "clipdinoiser", "cityscapes")
     assert oracle.loc["FLOSS (entropy)", "mIoU ours"] == pytest.approx(res["methods"]["floss"]["miou"])
+
+
+def test_metric_bench_table_measures_every_metric_against_the_results(executed):
+    """tabM: one row per metric, ρ̂ and ΔmIoU per pair; the entropy row equals the evaluate stage's FLOSS − baseline
+    and Table 2's ρ̂ (the same experts), and a pair without artifacts reads "not run"."""
+    root = executed[0]
+    table = pd.read_csv(root / "tables/tabM_metric_bench.csv", index_col=0)
+    assert list(table.index) == ["Entropy", "Avg. Probability", "margin", "kurtosis", "spatial", "Rank ensemble"]
+    assert (table["MaskCLIP VOC20 ρ̂"] == "not run").all() and (table["MaskCLIP VOC20 ΔmIoU"] == "not run").all()
+    res = _results(root, "clipdinoiser", "cityscapes")
+    gain = res["methods"]["floss_highest"]["miou"] - res["methods"]["baseline"]["miou"]
+    assert float(table.loc["Entropy", "CLIP-DINOiser CS ΔmIoU"]) == pytest.approx(gain, abs=1e-6)
+    from floss.report import analysis
+    baseline = analysis.class_iou(res, "baseline")
+    _, rho = analysis.quality_per_class(res["experts"], analysis.per_template_iou(res), baseline, list(baseline.index))
+    assert float(table.loc["Entropy", "CLIP-DINOiser CS ρ̂"]) == pytest.approx(rho)
+    for column in table.columns:
+        if "VOC20" not in column or "CLIP-DINOiser" in column:
+            assert table[column].astype(float).notna().all(), column
+    assert DEMO_MARK in (root / "tables/tabM_metric_bench.md").read_text()
+    assert (root / "figures/figM_metric_bench.png").stat().st_size > 1000

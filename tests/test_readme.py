@@ -158,3 +158,38 @@ def test_any_template_set_recipe_runs_as_printed(tmp_path, monkeypatch):
     exec(compile(snippet, "README.md:templates", "exec"), scope)
     assert len(scope["experts"]) == 3 and all(0 < len(e) <= 7 for e in scope["experts"])
     assert scope["rankings"]["templates"] == seven
+
+
+def test_own_metric_recipe_runs_as_printed(tmp_path, monkeypatch):
+    """"Your own metric": the plug-in module and the rank command, as printed, on a tiny synthetic train cache."""
+    import json
+    import shlex
+    import sys
+
+    from floss import cli
+    from floss.core import metrics as registry
+    from floss.data.synthetic import write_synthetic_cache
+
+    text = README.read_text()
+    section = text[text.index("### Your own metric"):]
+    section = section[:section.index("\n## ")]
+    module = _python_blocks(section)[0]
+    assert module.startswith("# my_metrics.py\n")
+    (tmp_path / "my_metrics.py").write_text(module)
+    commands = _bash_block_after(section, "### Your own metric")
+    assert len(commands) == 1
+    write_synthetic_cache(tmp_path / "data/features/maskclip/cityscapes/train", "maskclip", "cityscapes", "train",
+                          num_images=2, seed=0)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))      # `python -m` puts the current folder on sys.path
+    try:
+        argv = shlex.split(commands[0])
+        assert argv[:3] == ["python", "-m", "floss"]
+        assert cli.main(argv[3:]) == 0
+        doc = json.loads((tmp_path / "rankings.top2mass.json").read_text())
+        assert len(doc["classes"]["road"]["top2mass_ranking"]) == 80
+        assert (tmp_path / "rankings.entropy.json").is_file()
+    finally:
+        registry._REGISTRY.pop("top2mass", None)
+        registry._PLUGINS.pop("my_metrics:register", None)
+        sys.modules.pop("my_metrics", None)

@@ -122,7 +122,12 @@ def _configure_rank(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protocol", choices=("authors", "paper"), default="authors")
     p.add_argument("--out", required=True, type=Path,
                    help="rankings JSON; with several --metric values it must contain '{metric}'")
-    p.add_argument("--metric", nargs="+", default=["entropy"], choices=("entropy", "avgprob", "mano", "iti"))
+    p.add_argument("--metric", nargs="+", default=["entropy"], metavar="METRIC",
+                   help="registered metric names (built-ins: entropy avgprob mano iti margin kurtosis spatial "
+                        "rank_ensemble; plus those of --metric-plugin)")
+    p.add_argument("--metric-plugin", action="append", default=[], metavar="MODULE:FUNCTION",
+                   help="import MODULE (on sys.path / PYTHONPATH) and call FUNCTION() to register your own metric "
+                        "(README 'Your own metric'); repeatable")
     p.add_argument("--n-experts", type=int, default=4, help="experts per class printed and written beside --out")
     p.add_argument("--stats-out", type=Path, help="also save the TemplateStats (safetensors)")
     p.add_argument("--state", type=Path, help="images: resumable checkpoint folder (default: <out>.state/)")
@@ -146,7 +151,15 @@ def run_rank(args: argparse.Namespace) -> int:
     from floss.protocol.extraction import write_skipped_report
     from floss.core.rankings import save_rankings
 
+    from floss.core.metrics import available_metrics, load_metric_plugins, metric_plugin_digest
+
+    load_metric_plugins(args.metric_plugin, "--metric-plugin")
+    args.plugin_key = {"metric_plugins": metric_plugin_digest(args.metric_plugin)} if args.metric_plugin else {}
     metrics = list(dict.fromkeys(args.metric))
+    unknown = [m for m in metrics if m not in available_metrics()]
+    if unknown:
+        raise ValueError(f"--metric: unknown metric(s) {unknown}; expected registered names {available_metrics()} "
+                         "(your own: --metric-plugin MODULE:FUNCTION)")
     if args.n_experts < 1:
         raise ValueError(f"--n-experts: expected a positive integer, received {args.n_experts}")
     if args.template_chunk < 1:
@@ -176,8 +189,8 @@ def run_rank(args: argparse.Namespace) -> int:
         logger.info("wrote %s rankings to %s", metric, path)
     if skipped is not None:
         write_skipped_report(skipped, Path(str(args.out).replace("{metric}", "all")).with_suffix(".skipped.json"))
-    if args.stats_out:
-        st.save(args.stats_out)
+    if args.stats_out:     # keyed by the plug-ins' source too (floss's code digest does not cover them)
+        st.save(args.stats_out, extra=args.plugin_key or None)
         logger.info("wrote template statistics to %s", args.stats_out)
     _report_experts(st.rankings(keys, metric=metrics[0], templates=templates, **meta), metrics[0], args.n_experts,
                     Path(str(args.out).replace("{metric}", metrics[0])))
@@ -221,7 +234,7 @@ def _rank_from_images(args: argparse.Namespace, metrics: list[str], templates):
     fingerprint = {**cache_fingerprint(model, args.model, source.dataset, source.ds.split, settings, dtype="none",
                                        pretrained=args.pretrained, checkpoint=args.checkpoint, templates=templates),
                    "metrics": metrics, "queries": source.queries, "track_images": args.track_images,
-                   "on_bad_image": args.on_bad_image}
+                   "on_bad_image": args.on_bad_image, **args.plugin_key}     # a plug-in's edit: recomputed
     distributed.init_process_group(ctx)
     st = rank_dataset(model, source.ds, settings, text, source.query_to_class, ctx=ctx,
                       state_of=lambda r: state_dir / f"rank{r}.safetensors", fingerprint=fingerprint,

@@ -25,8 +25,8 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from floss.core.checks import check_probabilities, check_tensor, check_finite
-from floss.core.metrics import (available_metrics, entropy_score, get_metric, mano_score,  # noqa: F401
-                                    register_metric)
+from floss.core.metrics import (available_metrics, ensemble_values, entropy_score, get_metric,  # noqa: F401
+                                mano_score, register_metric)
 from floss.core.stats_io import load_template_stats, save_template_stats
 from floss.core.kernels.stats import CHUNK_ELEMENTS, MIN_ROWS, accumulate, iti_values  # noqa: F401  (re-exported)
 
@@ -60,7 +60,11 @@ class TemplateStats:
         if len(set(metrics)) != len(metrics):
             raise ValueError(f"metrics: expected distinct names, received {list(metrics)}")
         self.metrics = tuple(metrics)
-        self._pixel_metrics = tuple(s.name for s in specs if s.kind == "pixel")
+        self._pixel_metrics = tuple(s.name for s in specs if s.kind in ("pixel", "map"))   # the summed ones
+        for s in specs:
+            if s.kind == "ensemble" and not set(s.members) <= set(metrics):
+                raise ValueError(f"metrics: {s.name!r} combines {list(s.members)}; expected them tracked too, "
+                                 f"missing {[m for m in s.members if m not in metrics]}")
         if "iti" in self.metrics:
             if feature_dim is None:
                 raise ValueError("feature_dim: metric 'iti' needs the feature dimension D, received None")
@@ -312,6 +316,9 @@ class TemplateStats:
         counts = st["counts"]
         if spec.kind == "features":
             return self._iti()
+        if spec.kind == "ensemble":      # from the members' statistics (floss.core.metrics.ensemble_values)
+            return ensemble_values([self.values(m) for m in spec.members],
+                                   [get_metric(m).higher_is_better for m in spec.members])
         mean = st["sums"][self._pixel_metrics.index(metric)] / counts.clamp_min(1)
         if spec.finalize is not None:
             mean = spec.finalize(mean)

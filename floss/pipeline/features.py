@@ -125,8 +125,9 @@ def stage_rank(params: Mapping, model: str, dataset: str | None = None) -> None:
     authors' file name) and the TemplateStats (results/stats; with per-image records for the ``low_data``
     pairs). From the train caches (demo, ``rank.source: cache``; one job per dataset, spread over
     :func:`~floss.pipeline.common.stage_workers` processes) or straight from the train images."""
-    from floss.pipeline.params import pipeline_templates
+    from floss.pipeline.params import metric_plugin_names, pipeline_templates
 
+    metric_plugin_names(params)          # the user's metrics registered before the workers fork
     datasets = [d for d, _ in _select([(d, "train") for d in params["models"][model]], dataset)]
     if ranks_from_cache(params):
         run_jobs(_rank_cache_into, [(params, model, d) for d in datasets],
@@ -141,8 +142,10 @@ def stage_rank(params: Mapping, model: str, dataset: str | None = None) -> None:
 
 def _rank_cache_into(params: Mapping, model: str, dataset: str) -> None:
     from floss.data.cache import FeatureCache
+    from floss.pipeline.params import metric_plugin_names
     from floss.protocol import rank_cache
 
+    metric_plugin_names(params)          # loaded once per process (a no-op when already registered)
     cache = FeatureCache(cache_dir(model, dataset, "train"))
     low = params.get("low_data", {})
     # per-image records double the cost: only for the pairs of the low-data analysis (Fig. 3)
@@ -173,7 +176,9 @@ def _write_ranking(params: Mapping, model: str, d: str, st, templates) -> None:
         write_skipped_report(skipped, rankings_path(model, d).with_suffix(".skipped.json"))
     stats_path = paths.ROOT / "results" / "stats" / model / f"{d}.safetensors"
     stats_path.parent.mkdir(parents=True, exist_ok=True)      # DVC deletes outs before the stage runs
-    st.save(stats_path)
+    from floss.pipeline.params import metric_plugin_key
+    key = metric_plugin_key(params)     # the plug-ins' source digests (none: the file as before)
+    st.save(stats_path, extra=key or None)
     logger.info("ranked %s/%s on %d train images", model, d, st.num_images)
 
 
@@ -184,7 +189,7 @@ def _rank_from_images(params: Mapping, model: str, datasets: list[str], dataset:
     from floss.core.classes import query_names
     from floss.data.datasets import open_dataset
     from floss.protocol.extraction import cache_fingerprint, rank_dataset, text_embeddings
-    from floss.pipeline.params import dataset_folder, pipeline_templates
+    from floss.pipeline.params import dataset_folder, metric_plugin_key, pipeline_templates
 
     cmd = torchrun_command(params, ["stage", "rank", "--model", model] + (["--dataset", dataset] if dataset else []))
     if cmd is not None:            # every rank runs this stage; rank 0 writes the results
@@ -207,7 +212,7 @@ def _rank_from_images(params: Mapping, model: str, datasets: list[str], dataset:
         fingerprint = {**cache_fingerprint(net, model, d, "train", settings, dtype="none", pretrained=w["pretrained"],
                                            checkpoint=load_checkpoint_path(w), templates=templates),
                        "metrics": list(params["rank"]["metrics"]), "queries": queries,
-                       "on_bad_image": ex["on_bad_image"]}
+                       "on_bad_image": ex["on_bad_image"], **metric_plugin_key(params)}
         track = model == low.get("model") and d in low.get("datasets", ())
         st = rank_dataset(net, ds, settings, text, q2c, ctx=ctx, state_of=lambda r, d=d: _rank_state(model, d, r),
                           fingerprint={**fingerprint, "track_images": track}, metrics=params["rank"]["metrics"],

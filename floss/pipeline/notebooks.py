@@ -39,6 +39,8 @@ NOTEBOOK_PARAMS: dict[str, dict[str, str]] = {
     "qualitative": {"matrix": "models", "num_images": "qualitative.num_images", "data_root": "data_root"},
     "authors_vs_ours": {"matrix": "models", "n": "evaluate.n_experts"},
     "beyond_six_models": {"matrix": "models"},
+    "metric_bench": {"matrix": "models", "metrics": "rank.metrics", "n": "evaluate.n_experts",
+                     "metric_plugins": "rank.metric_plugins"},
 }
 
 

@@ -20,7 +20,10 @@ from floss.util.provenance import weight_file_problem
 
 RANKING_DATASETS = ("cityscapes", "pascalvoc20", "pascalco59", "ade20k", "cocostuff")
 TRANSFER_DATASETS = ("acdc_night", "acdc_fog", "acdc_rain", "acdc_snow", "bdd", "mapillary")
-METRICS = ("entropy", "avgprob", "mano", "iti")
+#: the built-in metrics (floss.core.metrics registers the same names; rank.metric_plugins adds the user's own)
+METRICS = ("entropy", "avgprob", "mano", "iti", "margin", "kurtosis", "spatial", "rank_ensemble")
+#: what the built-in rank_ensemble combines (floss.core.metrics.ENSEMBLE_MEMBERS): tracked with it
+ENSEMBLE_MEMBERS = ("entropy", "avgprob", "mano")
 FUSIONS = ("highest", "average", "default", "average_all")
 NUM_TEMPLATES = 80      # CLIP's 80 (``templates: null``); a template file sets its own M (:func:`num_templates`)
 
@@ -30,12 +33,13 @@ _SECTIONS = {
     "extract": {"protocol", "device", "gpus", "precision", "cache_dtype", "workers", "images_per_shard",
                 "on_bad_image", "dataset_dirs", "weights"},
     "synthetic": {"seed", "feature_dim", "planted_per_class", "images"},
-    "rank": {"source", "metrics", "device"},
+    "rank": {"source", "metrics", "device", "metric_plugins"},
     "evaluate": {"n_experts", "metric", "fusions", "per_template", "device"},
     "low_data": {"model", "datasets", "sizes", "seeds"},
     "oracle": {"rhos", "seeds", "ns"},
     "qualitative": {"num_images"},
 }
+_OPTIONAL = {"dataset_dirs", "metric_plugins"}     # keys a section may leave out
 _REQUIRED = ("profile", "data_root", "authors", "models", "transfer", "extract", "synthetic", "rank", "evaluate")
 
 
@@ -82,7 +86,7 @@ def _section(params: Mapping, name: str) -> Mapping:
     if not isinstance(sec, Mapping):
         _fail(name, "a mapping (section)", sec)
     unknown = sorted(set(sec) - _SECTIONS[name])
-    missing = sorted(_SECTIONS[name] - set(sec) - {"dataset_dirs"})
+    missing = sorted(_SECTIONS[name] - set(sec) - _OPTIONAL)
     if unknown:
         raise ParamsError(f"params.yaml: {name}: unknown key(s) {unknown}; expected {sorted(_SECTIONS[name])}")
     if missing:
@@ -117,6 +121,37 @@ def num_templates(params: Mapping, *, check_paths: bool = True) -> int | None:
     """M of the pipeline's template set (None when its file is missing and ``check_paths`` is False)."""
     ts = pipeline_templates(params, check_paths=check_paths)
     return None if ts is None else len(ts)
+
+
+def metric_plugins(params: Mapping) -> list[str]:
+    """``rank.metric_plugins`` (absent: none): ``"module:function"`` strings, README "Your own metric"."""
+    value = (params.get("rank") or {}).get("metric_plugins", [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value) or len(set(value)) != len(value):
+        _fail("rank.metric_plugins", "a list of distinct 'module:function' strings (your own metrics)", value)
+    return value
+
+
+def metric_plugin_names(params: Mapping) -> tuple[str, ...]:
+    """The metric names ``rank.metric_plugins`` register (importing them, and torch, only when there are any);
+    a plug-in that cannot be loaded fails naming the key."""
+    plugins = metric_plugins(params)
+    if not plugins:
+        return ()
+    from floss.core.metrics import load_metric_plugins
+    try:
+        return tuple(load_metric_plugins(plugins, "rank.metric_plugins"))
+    except ValueError as err:
+        raise ParamsError(f"params.yaml: {err}") from None
+
+
+def metric_plugin_key(params: Mapping) -> dict:
+    """``{"metric_plugins": {spec: source digest}}`` for the rank stage's checkpoints and statistics (empty without
+    plug-ins, so those keys stay as they were): an edited plug-in recomputes."""
+    plugins = metric_plugins(params)
+    if not plugins:
+        return {}
+    from floss.core.metrics import metric_plugin_digest
+    return {"metric_plugins": metric_plugin_digest(plugins, "rank.metric_plugins")}
 
 
 def validate_params(params: Any, *, check_paths: bool = True) -> dict:
@@ -204,7 +239,9 @@ def validate_params(params: Any, *, check_paths: bool = True) -> dict:
 
     r = _section(params, "rank")
     _choice(r["source"], "rank.source", ("images", "cache"))
-    _names(r["metrics"], "rank.metrics", METRICS)
+    _names(r["metrics"], "rank.metrics", METRICS + metric_plugin_names(params))
+    if "rank_ensemble" in r["metrics"] and not set(ENSEMBLE_MEMBERS) <= set(r["metrics"]):
+        _fail("rank.metrics", f"the members of rank_ensemble ({', '.join(ENSEMBLE_MEMBERS)}) beside it", r["metrics"])
     _device(r["device"], "rank.device")
     ev = _section(params, "evaluate")
     _int(ev, "evaluate.n_experts", 1, num_m)

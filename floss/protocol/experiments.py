@@ -111,17 +111,22 @@ def metric_ablation(stats, val_cache: FeatureCache, class_names: Sequence[str], 
                     n: int = 4, fusion: str = "highest", device=None) -> pd.DataFrame:
     """Fig. 4(c): experts chosen by each metric (entropy, avgprob, mano, iti or any registered one) -> mIoU.
 
-    Returns one row per metric with the mIoU and the rankings used (column ``rankings``) so the caller can
-    correlate each metric with the true per-template IoU (:func:`floss.report.analysis.metric_correlation`).
+    Returns one row per metric with the mIoU, the rankings used (column ``rankings``) so the caller can
+    correlate each metric with the true per-template IoU (:func:`floss.report.analysis.metric_correlation`) and
+    the experts (column ``experts``). Metrics that select the same experts share one evaluation (same numbers).
     """
-    rows = []
+    rows, done = [], {}
     for metric in metrics:
         rankings = stats.rankings(list(class_names), metric=metric)
         experts, short = lenient_experts(rankings, n=n, metric=metric, class_names=class_names)
         if short:
             logger.warning("metric %s: classes %s have fewer than %d valid templates", metric, short[:5], n)
-        res = evaluate_experts(val_cache, experts, fusion, device)
-        rows.append({"metric": metric, "miou": res["floss"], "baseline": res["baseline"], "rankings": rankings})
+        key = tuple(tuple(e) for e in experts)
+        if key not in done:
+            done[key] = evaluate_experts(val_cache, experts, fusion, device)
+        res = done[key]
+        rows.append({"metric": metric, "miou": res["floss"], "baseline": res["baseline"], "rankings": rankings,
+                     "experts": experts})
     return pd.DataFrame(rows).set_index("metric")
 
 

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 __all__ = ["floss_version", "code_identity", "source_digest", "file_sha256", "weights_id", "weight_file_problem",
            "file_identity",
-           "input_identities", "inputs_digest", "digest"]
+           "input_identities", "inputs_digest", "digest", "module_source_digest"]
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 #: sub-folders of the package that never feed a cached artifact (they only format finished results)
@@ -57,6 +57,28 @@ def source_digest(package_dir: str | os.PathLike = PACKAGE_DIR) -> str:
         h.update(p.relative_to(root).as_posix().encode() + b"\0")
         h.update(p.read_bytes() + b"\0")
     return "sha256:" + h.hexdigest()
+
+
+def module_source_digest(module: str) -> str:
+    """sha256 of the source of an importable module, located without running it (``importlib.util.find_spec``;
+    a dotted name imports its parent packages): the module's file, or for a package every ``.py`` file under its
+    folder (relative paths and bytes). FileNotFoundError when it has no source file (a built-in or compiled
+    module). Metric plug-ins are keyed by it (:func:`floss.core.metrics.metric_plugin_digest`)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    if spec is None:
+        raise ModuleNotFoundError(f"no module named {module!r}")
+    if spec.submodule_search_locations:        # a package: all its Python files
+        h = hashlib.sha256()
+        for folder in spec.submodule_search_locations:
+            base = Path(folder)
+            for p in sorted(q for q in base.rglob("*.py") if "__pycache__" not in q.parts):
+                h.update(p.relative_to(base).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
+        return "sha256:" + h.hexdigest()
+    if not spec.origin or not os.path.isfile(spec.origin) or not spec.origin.endswith(".py"):
+        raise FileNotFoundError(f"module {module!r} has no Python source file (origin {spec.origin!r})")
+    return "sha256:" + file_sha256(spec.origin)
 
 
 def _library_versions() -> dict[str, str]:
@@ -187,8 +209,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m floss.util.provenance", description=main.__doc__)
     p.add_argument("--out", type=Path, help="write the JSON here (atomically) instead of printing it")
+    p.add_argument("--params", type=Path, help="params.yaml: its rank.metric_plugins' sources are added to the "
+                                               "identity (a \"metric_plugins\" key, only when there are any)")
     args = p.parse_args(argv)
-    text = json.dumps({"code": code_identity()}, indent=1, sort_keys=True) + "\n"
+    doc = {"code": code_identity()}
+    if args.params is not None and args.params.is_file():
+        import yaml
+        plugins = ((yaml.safe_load(args.params.read_text()) or {}).get("rank") or {}).get("metric_plugins") or []
+        if plugins:      # the user's metric code: floss's digest cannot see it, every stage downstream must
+            doc["metric_plugins"] = {str(s): module_source_digest(str(s).split(":")[0]) for s in plugins}
+    text = json.dumps(doc, indent=1, sort_keys=True) + "\n"
     if args.out is None:
         sys.stdout.write(text)
         return 0

@@ -26,7 +26,7 @@ from floss.core.kernels.interp import RowUpsampler
 from floss.util.threads import map_single_threaded
 from floss.core.metrics import entropy_score, get_metric, mano_score
 
-__all__ = ["accumulate", "iti_values", "CHUNK_ELEMENTS", "MIN_ROWS"]
+__all__ = ["accumulate", "map_sums", "iti_values", "CHUNK_ELEMENTS", "MIN_ROWS"]
 
 #: floats per work block (m_chunk · K · rows · W): ~2 MiB keeps the fused passes cache-resident
 CHUNK_ELEMENTS = 1 << 19
@@ -46,7 +46,8 @@ def accumulate(probs: torch.Tensor, size: tuple[int, int], features: torch.Tenso
     out_h, out_w = size
     dev = probs.device
     work = torch.float64 if probs.dtype == torch.float64 else torch.float32
-    specs = [get_metric(name) for name in pixel_metrics]
+    all_specs = [get_metric(name) for name in pixel_metrics]
+    specs = [s for s in all_specs if s.kind != "map"]          # per-pixel scores, block by block
     acc = torch.zeros(len(specs) + 1, m, k, dtype=torch.float64, device=dev)  # [counts, sums...]
     soft = None if features is None else SoftCounts(features.to(dev), m, k, size)
     # block = (rows, templates): >= MIN_ROWS output rows (so that the width pass, done on the input rows
@@ -101,7 +102,31 @@ def accumulate(probs: torch.Tensor, size: tuple[int, int], features: torch.Tenso
     # template chunks are independent: worker threads with single-threaded ops (floss.util.threads)
     map_single_threaded(chunk, range(0, m, m_chunk), None if dev.type == "cpu" else 1)
     counts = acc[0].round().to(torch.int64)
-    return counts, acc[1:], (None if soft is None else soft.sums())
+    sums = acc[1:]
+    if len(specs) != len(all_specs):     # "map" metrics: whole maps, merged back in the order of pixel_metrics
+        maps = iter(map_sums(probs, size, [s for s in all_specs if s.kind == "map"], work).unbind(0))
+        blocks = iter(sums.unbind(0))
+        sums = torch.stack([next(maps) if s.kind == "map" else next(blocks) for s in all_specs])
+    return counts, sums, (None if soft is None else soft.sums())
+
+
+def map_sums(probs: torch.Tensor, size: tuple[int, int], specs, work: torch.dtype) -> torch.Tensor:
+    """``[n_map, m, K]`` float64 sums of ``kind="map"`` scores (:mod:`floss.core.metrics`) over the pixels each
+    template predicts as each class: one template at a time, its whole upsampled map ``[1, K, H, W]`` (the same
+    resize as the blocks: :class:`~floss.core.kernels.interp.RowUpsampler`; argmax first index on ties)."""
+    m, k, h, w = probs.shape
+    out_h, out_w = size
+    out = torch.zeros(len(specs), m, k, dtype=torch.float64, device=probs.device)
+    for t in range(m):
+        q = probs[t].to(work)
+        if (out_h, out_w) != (h, w):
+            q = RowUpsampler(q, size).rows(slice(0, out_h)).permute(1, 0, 2)      # [H, K, W] -> [K, H, W]
+        q = q.contiguous().unsqueeze(0)
+        pred = q.argmax(dim=1).reshape(-1)
+        for i, spec in enumerate(specs):
+            score = spec.pixel_score(q).reshape(-1).to(torch.float64)
+            out[i, t].scatter_add_(0, pred, score)
+    return out
 
 
 def iti_values(st: dict[str, torch.Tensor], num_classes: int) -> torch.Tensor:
