@@ -31,6 +31,11 @@ root = ""  # repository root; empty means floss.util.paths.ROOT
 metrics = ["entropy", "avgprob", "mano", "iti", "margin", "kurtosis", "spatial", "rank_ensemble"]
 n = 4  # experts per class (params.yaml evaluate.n_experts)
 matrix = None  # params.yaml `models`; None: the paper's matrix. Pairs without artifacts are shown as "not run".
+# the pairs measured: one FLOSS evaluation per metric and pair (about 15 s per pair on 2 CPU cores in the demo), so
+# by default the paper's three models on Cityscapes (Fig. 4(c)'s dataset); None = every model / dataset of the matrix
+# (set them here in JupyterLab, or inject them with papermill's -p)
+models = ["maskclip", "naclip", "clipdinoiser"]
+datasets = ["cityscapes"]
 metric_plugins = []  # params.yaml rank.metric_plugins: registered before the statistics are read
 
 # %%
@@ -57,7 +62,8 @@ def pair_label(model: str, dataset: str) -> str:
 
 
 # %%
-pairs = [(m, d) for m, ds in (analysis.PAPER_MATRIX if matrix is None else matrix).items() for d in ds]
+pairs = [(m, d) for m, ds in (analysis.PAPER_MATRIX if matrix is None else matrix).items() for d in ds
+         if (models is None or m in models) and (datasets is None or d in datasets)]
 rho = {m: {} for m in metrics}
 gain = {m: {} for m in metrics}
 not_run, synthetic = set(), False

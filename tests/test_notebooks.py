@@ -50,7 +50,8 @@ TINY = {
     "qualitative": {"num_images": 2, "max_images_fallback": 2},
     "authors_vs_ours": {"models": ["clipdinoiser", "maskclip"], "datasets": ["cityscapes"]},
     "beyond_six_models": {"models": ["maskclip", "clipdinoiser", "naclip"], "datasets": ["cityscapes", "pascalvoc20"]},
-    "metric_bench": {"metrics": ["entropy", "avgprob", "margin", "kurtosis", "spatial", "rank_ensemble"], "n": 4},
+    "metric_bench": {"metrics": ["entropy", "avgprob", "margin", "kurtosis", "spatial", "rank_ensemble"], "n": 4,
+                     "models": None, "datasets": None},          # every pair of the matrix (default: Cityscapes)
 }
 TINY = {name: {**params, **({"matrix": MATRIX} if name != "fig3_low_data" else {})} for name, params in TINY.items()}
 #: the metric bench also gets a pair without artifacts (maskclip/pascalvoc20): its cells must read "not run"
