@@ -82,7 +82,9 @@ def run_notebooks(params: Mapping, names: Sequence[str] | None = None, workers: 
         raise ValueError(f"notebook: expected names of {sorted(NOTEBOOK_PARAMS)}, received {unknown}")
     for folder in (paths.TABLES, paths.FIGURES, paths.METRICS, paths.REPORTS / "notebooks"):
         folder.mkdir(parents=True, exist_ok=True)     # DVC deletes outs before a stage runs
-    env = dict(os.environ)
+    # the kernels resolve every path from this root, whichever floss they import (a kernel does not put its working
+    # directory first on sys.path: with PYTHONPATH or an editable install elsewhere it would write there)
+    env = {**os.environ, "FLOSS_ROOT": str(paths.ROOT)}
     if params.get("cpu_threads"):     # the kernels inherit them
         env.update(OMP_NUM_THREADS=str(params["cpu_threads"]), MKL_NUM_THREADS=str(params["cpu_threads"]))
     jobs = [(n, paths.NOTEBOOKS / f"{n}.py", paths.REPORTS / "notebooks" / f"{n}.ipynb", notebook_parameters(params, n))
