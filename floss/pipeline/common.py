@@ -22,17 +22,16 @@ def _device(value: str) -> str | None:
 
 
 def stage_workers(params: Mapping, device: str | None) -> int:
-    """Processes a stage spreads its independent jobs (datasets) over: ``cpu_workers`` (0 = as many as the CPU
-    count allows at ``cpu_threads`` threads each) on CPU, 1 on CUDA (one device; its kernels are the parallelism).
-    Every job computes and writes its own files exactly as alone, so the count never changes a result."""
+    """Processes a stage spreads its independent jobs (datasets) over: ``cpu_workers`` (0 = the CPU count) on CPU
+    when this process runs torch on one thread (``cpu_threads: 1``); otherwise 1: on CUDA one device's kernels are
+    the parallelism, and with more threads they already use the cores — and forking a process whose OpenMP pool
+    has run can deadlock the children. Every job computes and writes its own files exactly as alone, so the count
+    never changes a result."""
     import torch
     on_cuda = device.startswith("cuda") if device else torch.cuda.is_available()
-    if on_cuda:
+    if on_cuda or torch.get_num_threads() > 1:
         return 1
-    workers = int(params.get("cpu_workers", 0) or 0)
-    if workers:
-        return workers
-    return max(1, (os.cpu_count() or 1) // max(1, int(params.get("cpu_threads", 0) or 1)))
+    return int(params.get("cpu_workers", 0) or 0) or max(1, os.cpu_count() or 1)
 
 
 def _call(job: tuple) -> None:
