@@ -108,7 +108,11 @@ def test_the_readme_recipe_runs_the_whole_paper_profile(rehearsal):
         if md.name not in ("tabA_authors_vs_ours.md", "tabA_authors_vs_ours_summary.md") or "unavailable" not in text:
             assert OTHER_WEIGHTS_MARK in text, f"{md.name} does not say its numbers come from other weights"
     table1 = (repo / "tables/tab1_main_results.md").read_text()
-    assert NOT_RUN not in table1            # the full matrix ran
+    # the full matrix ran: no "not run" in the paper's models' rows (GEM-quoted runs on the datasets the paper
+    # quotes GEM on, plus PC59; its other cells say "not run" by design)
+    paper_rows = [line for line in table1.splitlines()
+                  if line.lstrip("| ").startswith(("MaskCLIP", "NACLIP", "CLIP-DINOiser"))]
+    assert len(paper_rows) == 6 and not any(NOT_RUN in row for row in paper_rows)
     # Table 1 equals the results it was made from
     res = json.loads((repo / "results/eval/naclip/pascalvoc20.json").read_text())
     row = next(line for line in table1.splitlines() if line.lstrip("| ").startswith("NACLIP + FLOSS"))
