@@ -13,6 +13,31 @@ def _python_blocks(text: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", text, re.S)
 
 
+def _run_cli_commands(commands, tmp_path, monkeypatch) -> None:
+    """The README's ``python -m floss`` commands as printed, in ``tmp_path``, on a tiny random CLIP-DINOiser
+    (its head checkpoint written where the default points)."""
+    import json
+    import shlex
+
+    import torch
+    from conftest import TINY_GELU
+
+    from floss import cli
+    from floss.models.clipdinoiser import CorrelationHead
+
+    width = json.loads(open(TINY_GELU).read())["vision_cfg"]["width"]
+    head = {f"model.{k}": v for k, v in CorrelationHead(width).state_dict().items()}
+    (tmp_path / "checkpoints/clip_dinoiser").mkdir(parents=True)
+    torch.save({"state_dict": head}, tmp_path / "checkpoints/clip_dinoiser/model_weights.pth")
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--backbone", TINY_GELU, "--pretrained", "none", "--device", "cpu", "--workers", "0"]
+    for command in commands:
+        argv = shlex.split(command)
+        assert argv[:3] == ["python", "-m", "floss"], command
+        argv = argv[3:] + (tiny if "--model" in argv else [])
+        assert cli.main(argv) == 0, command
+
+
 def test_library_example_runs():
     block = _python_blocks(README.read_text())[0]
     scope: dict = {}
@@ -75,14 +100,9 @@ def test_own_images_recipe_runs_as_printed(tmp_path, monkeypatch):
     """The four commands of "FLOSS on your own images", run as printed in a folder holding what they name (a
     tiny random CLIP-DINOiser substituted for the real weights)."""
     import json
-    import shlex
 
     import numpy as np
-    import torch
 
-    from conftest import TINY_GELU
-    from floss import cli
-    from floss.models.clipdinoiser import CorrelationHead
     from layouts import random_image, random_label, write_image, write_label
 
     commands = _bash_block_after(README.read_text(), "## FLOSS on your own images")
@@ -92,17 +112,7 @@ def test_own_images_recipe_runs_as_printed(tmp_path, monkeypatch):
         write_image(tmp_path / "my_images" / f"{rel}.jpg", random_image(rng, (40 + 8 * i, 72)))
         write_label(tmp_path / "my_labels" / f"{rel}.png", random_label(rng, (40 + 8 * i, 72), 3))
     (tmp_path / "classes.txt").write_text("road\ncar: automobile, vehicle\nsky\n")
-    width = json.loads(open(TINY_GELU).read())["vision_cfg"]["width"]
-    head = {f"model.{k}": v for k, v in CorrelationHead(width).state_dict().items()}
-    (tmp_path / "checkpoints/clip_dinoiser").mkdir(parents=True)
-    torch.save({"state_dict": head}, tmp_path / "checkpoints/clip_dinoiser/model_weights.pth")
-    monkeypatch.chdir(tmp_path)
-    tiny = ["--backbone", TINY_GELU, "--pretrained", "none", "--device", "cpu", "--workers", "0"]
-    for command in commands:
-        argv = shlex.split(command)
-        assert argv[:3] == ["python", "-m", "floss"], command
-        argv = argv[3:] + (tiny if "--model" in argv else [])
-        assert cli.main(argv) == 0, command
+    _run_cli_commands(commands, tmp_path, monkeypatch)
     experts = json.loads((tmp_path / "my_rankings.experts.json").read_text())
     assert list(experts["experts"]) == ["road", "car", "sky"]
     assert sorted(p.relative_to(tmp_path / "my_masks/floss").as_posix()
@@ -115,14 +125,9 @@ def test_any_template_set_recipe_runs_as_printed(tmp_path, monkeypatch):
     """"Any template set": the template file, the four commands and the library snippet, as printed (a tiny random
     CLIP-DINOiser substituted for the real weights)."""
     import json
-    import shlex
 
     import numpy as np
-    import torch
 
-    from conftest import TINY_GELU
-    from floss import cli
-    from floss.models.clipdinoiser import CorrelationHead
     from layouts import random_image, random_label, write_image, write_label
 
     text = README.read_text()
@@ -137,17 +142,7 @@ def test_any_template_set_recipe_runs_as_printed(tmp_path, monkeypatch):
         write_label(tmp_path / "my_labels" / f"{rel}.png", random_label(rng, (40 + 8 * i, 72), 3))
     (tmp_path / "classes.txt").write_text("road\ncar: automobile, vehicle\nsky\n")
     (tmp_path / "my_templates.txt").write_text(templates)
-    width = json.loads(open(TINY_GELU).read())["vision_cfg"]["width"]
-    head = {f"model.{k}": v for k, v in CorrelationHead(width).state_dict().items()}
-    (tmp_path / "checkpoints/clip_dinoiser").mkdir(parents=True)
-    torch.save({"state_dict": head}, tmp_path / "checkpoints/clip_dinoiser/model_weights.pth")
-    monkeypatch.chdir(tmp_path)
-    tiny = ["--backbone", TINY_GELU, "--pretrained", "none", "--device", "cpu", "--workers", "0"]
-    for command in commands:
-        argv = shlex.split(command)
-        assert argv[:3] == ["python", "-m", "floss"], command
-        argv = argv[3:] + (tiny if "--model" in argv else [])
-        assert cli.main(argv) == 0, command
+    _run_cli_commands(commands, tmp_path, monkeypatch)
     seven = templates.splitlines()
     assert len(seven) == 7 and json.loads((tmp_path / "my_rankings7.json").read_text())["templates"] == seven
     res = json.loads((tmp_path / "my_results7.json").read_text())
