@@ -110,6 +110,19 @@ def test_new_metrics_leave_the_paper_metrics_bit_identical_and_spatial_is_exact(
     assert torch.allclose(both.values("rank_ensemble"), ens, equal_nan=True)
 
 
+@pytest.mark.parametrize("m,k,h,w,size", [(5, 4, 6, 7, (12, 15)), (3, 19, 9, 16, (64, 128)), (2, 3, 5, 5, None)])
+def test_spatial_from_the_blocks_argmax_equals_the_whole_map_path_bit_for_bit(m, k, h, w, size):
+    """The built-in spatial reuses the argmax of the statistics' blocks (argmax_map_sums); a registered map metric
+    goes through map_sums (each template's whole map upsampled again): the same sums to the last bit."""
+    from floss.core.kernels.stats import accumulate, map_sums
+    p = _probs(m, k, h, w, seed=3, dtype=torch.float32)
+    p[0, :, 0, 0] = 1.0 / k                                      # a tie: first index wins in both
+    out = size or (h, w)
+    _, sums, _ = accumulate(p, out, None, ("entropy", "spatial"))
+    whole = map_sums(p, out, [registry.get_metric("spatial")], torch.float32)
+    assert torch.equal(sums[1], whole[0])
+
+
 def test_stats_with_new_metrics_save_load_and_merge(tmp_path):
     p = _probs(3, 4, 5, 6, seed=2, dtype=torch.float32)
     a = TemplateStats(3, 4, metrics=PAPER + NEW).update(p)

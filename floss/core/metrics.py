@@ -58,7 +58,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["MetricSpec", "register_metric", "get_metric", "available_metrics", "ENTROPY_EPS", "MANO_P",
            "MANO_CRITERION", "KINDS", "load_metric_plugin", "load_metric_plugins", "metric_plugin_digest",
-           "ensemble_values", "PLUGIN_PATTERN"]
+           "ensemble_values", "PLUGIN_PATTERN", "spatial_of_argmax"]
 
 #: the metric kinds TemplateStats knows (module docstring)
 KINDS = ("pixel", "map", "ensemble", "features")
@@ -228,12 +228,17 @@ def spatial_score(q: torch.Tensor) -> torch.Tensor:
     ``s(x) = |{y ∈ N4(x) : c(y) = c(x)}| / |N4(x)|``, the share of the pixel's 4-neighbours inside the image that
     predict the same class (a 1×1 map: ``s = 1``) -> ``[m, H, W]``. Higher is better (coherent regions rather
     than salt-and-pepper decisions). A ``kind="map"`` metric: it needs the spatial layout."""
-    pred = q.argmax(dim=1)
+    return spatial_of_argmax(q.argmax(dim=1), q.dtype)
+
+
+def spatial_of_argmax(pred: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`spatial_score` from the argmax map ``pred [m, H, W]`` alone (scores of ``dtype``): the statistics
+    kernel reuses the argmax it already computed instead of upsampling every map a second time."""
     m, h, w = pred.shape
-    same = torch.zeros(m, h, w, dtype=q.dtype, device=q.device)
-    count = torch.zeros(1, h, w, dtype=q.dtype, device=q.device)
-    vert = (pred[:, 1:] == pred[:, :-1]).to(q.dtype)
-    horiz = (pred[:, :, 1:] == pred[:, :, :-1]).to(q.dtype)
+    same = torch.zeros(m, h, w, dtype=dtype, device=pred.device)
+    count = torch.zeros(1, h, w, dtype=dtype, device=pred.device)
+    vert = (pred[:, 1:] == pred[:, :-1]).to(dtype)
+    horiz = (pred[:, :, 1:] == pred[:, :, :-1]).to(dtype)
     same[:, 1:] += vert
     same[:, :-1] += vert
     same[:, :, 1:] += horiz

@@ -24,9 +24,9 @@ import torch
 from floss.core.kernels.fused import SoftCounts, entropy_scores, first_argmax, mano_branch, mano_scores
 from floss.core.kernels.interp import RowUpsampler
 from floss.util.threads import map_single_threaded
-from floss.core.metrics import entropy_score, get_metric, mano_score
+from floss.core.metrics import entropy_score, get_metric, mano_score, spatial_of_argmax, spatial_score
 
-__all__ = ["accumulate", "map_sums", "iti_values", "CHUNK_ELEMENTS", "MIN_ROWS"]
+__all__ = ["accumulate", "map_sums", "argmax_map_sums", "iti_values", "CHUNK_ELEMENTS", "MIN_ROWS"]
 
 #: floats per work block (m_chunk · K · rows · W): ~2 MiB keeps the fused passes cache-resident
 CHUNK_ELEMENTS = 1 << 19
@@ -48,6 +48,13 @@ def accumulate(probs: torch.Tensor, size: tuple[int, int], features: torch.Tenso
     work = torch.float64 if probs.dtype == torch.float64 else torch.float32
     all_specs = [get_metric(name) for name in pixel_metrics]
     specs = [s for s in all_specs if s.kind != "map"]          # per-pixel scores, block by block
+    map_specs = [s for s in all_specs if s.kind == "map"]
+    # map metrics that read only the argmax (the built-in spatial): keep the blocks' argmax map instead of
+    # upsampling every template's whole map again in map_sums
+    argmax_only = bool(map_specs) and all(s.pixel_score is spatial_score for s in map_specs)
+    pred_map = None
+    if argmax_only:
+        pred_map = torch.empty(m, out_h, out_w, dtype=torch.int16 if k <= 1 << 15 else torch.int64, device=dev)
     acc = torch.zeros(len(specs) + 1, m, k, dtype=torch.float64, device=dev)  # [counts, sums...]
     soft = None if features is None else SoftCounts(features.to(dev), m, k, size)
     # block = (rows, templates): >= MIN_ROWS output rows (so that the width pass, done on the input rows
@@ -78,6 +85,8 @@ def accumulate(probs: torch.Tensor, size: tuple[int, int], features: torch.Tenso
             q = q.view(-1, k, out_w)
             best = q.amax(dim=1)
             pred = first_argmax(q, best, key_buf).view(-1, mc, out_w)  # first index on ties, like argmax
+            if pred_map is not None:
+                pred_map[t0:t1, rows].copy_(pred.permute(1, 0, 2))
             # one scatter_add of [1 (count), score_1, ...] per pixel along the class dim of a float64
             # [n + 1, R, m_c, K] table (counts are exact integers in float64), summed over the block's rows
             if vals is None or vals.shape[1:3] != (nr, mc):
@@ -103,8 +112,9 @@ def accumulate(probs: torch.Tensor, size: tuple[int, int], features: torch.Tenso
     map_single_threaded(chunk, range(0, m, m_chunk), None if dev.type == "cpu" else 1)
     counts = acc[0].round().to(torch.int64)
     sums = acc[1:]
-    if len(specs) != len(all_specs):     # "map" metrics: whole maps, merged back in the order of pixel_metrics
-        maps = iter(map_sums(probs, size, [s for s in all_specs if s.kind == "map"], work).unbind(0))
+    if map_specs:     # "map" metrics: whole maps, merged back in the order of pixel_metrics
+        maps = iter((argmax_map_sums(pred_map, k, len(map_specs), work) if argmax_only
+                     else map_sums(probs, size, map_specs, work)).unbind(0))
         blocks = iter(sums.unbind(0))
         sums = torch.stack([next(maps) if s.kind == "map" else next(blocks) for s in all_specs])
     return counts, sums, (None if soft is None else soft.sums())
@@ -126,6 +136,19 @@ def map_sums(probs: torch.Tensor, size: tuple[int, int], specs, work: torch.dtyp
         for i, spec in enumerate(specs):
             score = spec.pixel_score(q).reshape(-1).to(torch.float64)
             out[i, t].scatter_add_(0, pred, score)
+    return out
+
+
+def argmax_map_sums(pred_map: torch.Tensor, k: int, n_specs: int, work: torch.dtype) -> torch.Tensor:
+    """:func:`map_sums` of ``n_specs`` copies of the built-in ``spatial`` metric from the argmax maps
+    ``pred_map [m, H, W]`` the blocks computed (the same argmax, the same per-template scatter order)."""
+    m = pred_map.shape[0]
+    out = torch.zeros(n_specs, m, k, dtype=torch.float64, device=pred_map.device)
+    for t in range(m):
+        pred = pred_map[t:t + 1].long()
+        score = spatial_of_argmax(pred, work).reshape(-1).to(torch.float64)
+        for i in range(n_specs):
+            out[i, t].scatter_add_(0, pred.reshape(-1), score)
     return out
 
 
