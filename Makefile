@@ -24,8 +24,11 @@ $(STAMP): pyproject.toml requirements.lock
 demo: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m floss demo
 
+# Two pytest-xdist workers, one test file each at a time, longest files first (tests/conftest.py); one process:
+# make test PYTEST_WORKERS=0
+PYTEST_WORKERS ?= 2
 test: setup
-	CUDA_VISIBLE_DEVICES= PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q $(PYTEST_ARGS)
+	CUDA_VISIBLE_DEVICES= PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) benchmarks/bench_stats.py

@@ -61,3 +61,20 @@ def tiny_clipdinoiser():
 @pytest.fixture(scope="session")
 def tiny_naclip():
     return _tiny_model("naclip", TINY_QUICKGELU)
+
+
+# `make test` runs the suite on two xdist workers, one file per worker at a time (--dist loadfile), files handed
+# out in collection order: the longest files go first so that both workers finish together (measured: the paper
+# rehearsal, the rerun checks and the notebooks take most of the suite's time; the rest is many short files).
+LONGEST_FIRST = ("test_paper_rehearsal.py", "test_rerun.py", "test_notebooks.py", "test_determinism.py",
+                 "test_pipeline.py", "test_readme.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))      # stable: file order kept otherwise
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two workers share the cores: one torch thread each for the in-process tests (subprocesses set their own)
+    torch.set_num_threads(1)
