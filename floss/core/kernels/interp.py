@@ -7,9 +7,12 @@ bounded chunks. The arithmetic replicates PyTorch's CPU kernel bit for bit: the 
 rule (``src = scale·(dst + 0.5) − 0.5`` clamped at 0, second tap clamped at the border, ``λ0 = 1 − λ1``),
 width pass first (by ``F.interpolate`` itself on the needed input rows), then the height pass as a
 row-by-row fused multiply-add ``fma(y0, λ0, y1·λ1)``, the operation order of the kernel. Bit equality with
-``F.interpolate`` for float32 upsampling on CPU at protocol-like widths is checked in ``tests/test_stats.py``
-(so argmax counts equal the authors' exactly); elsewhere (tiny widths, where PyTorch takes another code
-path, other devices, downsampling, float64) results agree to ~1 ulp.
+``F.interpolate`` on two threads for float32 upsampling on CPU at protocol-like widths is checked in
+``tests/test_stats.py`` (so argmax counts equal the authors' exactly); elsewhere (tiny widths, where PyTorch takes
+another code path, other devices, downsampling, float64) results agree to ~1 ulp. PyTorch's CPU kernels round
+some shapes 1 ulp differently with other thread counts (torch 2.14.1: the 2-D kernel on one thread for
+[2, 3, 32, 64] -> 256×512; the 1-D kernel of the width pass, which this module calls, for float32 [1, 19, 28, 28]
+-> 448 between one and two threads), so at such shapes the last bit follows the thread count here too.
 """
 from __future__ import annotations
 
@@ -169,7 +172,7 @@ def upsample_bilinear(x: torch.Tensor, size: Sequence[int], rows: slice | None =
     ``rows`` (a slice of ``range(H)``) selects the output rows to produce; only the input rows they read
     are touched, so a caller can stream an image row block by row block with peak memory independent of
     ``H``. Equals ``F.interpolate(x, size, mode="bilinear", align_corners=False)[..., rows, :]`` (bit for bit
-    on CPU for float32 upsampling at protocol-like widths, else to ~1 ulp).
+    on CPU, on two threads, for float32 upsampling at protocol-like widths, else to ~1 ulp; module docstring).
     """
     if not isinstance(x, torch.Tensor) or x.ndim < 2:
         raise ValueError(f"x: expected a tensor [..., h, w], received {type(x).__name__} "
