@@ -52,8 +52,9 @@ def main() -> None:
         times = {}
         for model, datasets in params["models"].items():
             for dataset in datasets:
-                if not (cache_dir(model, dataset, "train" if kind == "rank" else "val") / "manifest.json").is_file():
-                    sys.exit(f"{cache_dir(model, dataset, 'train')}: no feature cache (run `dvc repro` first)")
+                cache = cache_dir(model, dataset, "train" if kind == "rank" else "val")
+                if not (cache / "manifest.json").is_file():
+                    sys.exit(f"{cache}: no feature cache (run `dvc repro` first)")
                 times[model, dataset] = run_job(params, kind, model, dataset)
                 print(f"{times[model, dataset]:7.2f} s  {kind} {model}/{dataset}", flush=True)
         print(f"{kind}: {len(times)} jobs, {sum(times.values()):.1f} s in all, longest {max(times.values()):.1f} s")
