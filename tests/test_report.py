@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -118,3 +119,31 @@ def test_save_figure_bytes_are_stable_and_title_carries_demo_mark(tmp_path):
         plots.save_figure(_figure("x"), 1, "x", root=tmp_path, formats=("jpg",))
     with pytest.raises(TypeError, match="Figure"):
         plots.save_figure("not a figure", 1, "x", root=tmp_path)
+
+
+def test_the_figures_font_is_matplotlibs_own_whatever_the_system_has(tmp_path):
+    """A system DejaVu (another version of the same family) listed first in the font cache must not reach the PDFs:
+    use_style resolves "DejaVu Sans" to matplotlib's bundled file."""
+    import shutil
+
+    import matplotlib
+    from matplotlib import font_manager
+
+    bundled = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+    impostor = tmp_path / "DejaVuSans.ttf"               # a second file of the family, as a system package adds
+    shutil.copy(bundled, impostor)
+    manager = font_manager.fontManager
+    saved = list(manager.ttflist)
+    try:
+        entry = font_manager.FontEntry(fname=str(impostor), name="DejaVu Sans", style="normal", variant="normal",
+                                       weight=400, stretch="normal", size="scalable")
+        manager.ttflist = [entry] + [f for f in manager.ttflist if f.fname != str(bundled)]
+        manager._findfont_cached.cache_clear()
+        assert font_manager.findfont("DejaVu Sans") == str(impostor)      # the situation the pin guards against
+        plots.use_style()
+        assert font_manager.findfont("DejaVu Sans") == str(bundled)
+        assert font_manager.findfont(font_manager.FontProperties(family="DejaVu Sans", weight="bold")).startswith(
+            str(bundled.parent))
+    finally:
+        manager.ttflist = saved
+        manager._findfont_cached.cache_clear()

@@ -52,6 +52,27 @@ def use_style() -> None:
     """Apply the artifact's seaborn theme and rcParams (idempotent; call once per notebook)."""
     sns.set_theme(context="paper", style="whitegrid", palette="colorblind")
     matplotlib.rcParams.update(STYLE)
+    _pin_bundled_dejavu()
+
+
+def _pin_bundled_dejavu() -> None:
+    """Make "DejaVu Sans" (and its mathtext siblings) matplotlib's own font files. A machine with the system's
+    DejaVu package (Debian's fonts-dejavu: version 2.37; matplotlib ships 2.35) can otherwise resolve the family
+    to either file, depending on the order of the user's font cache: the PNGs stay the same, but the PDFs embed
+    another font program and every PDF output changes its bytes (seen on the build machine in December 2026)."""
+    from matplotlib import font_manager
+
+    bundled = sorted((Path(matplotlib.get_data_path()) / "fonts" / "ttf").glob("DejaVu*.ttf"))
+    keep = {str(p) for p in bundled}
+    manager = font_manager.fontManager
+    manager.ttflist = [f for f in manager.ttflist if not f.name.startswith("DejaVu") or f.fname in keep]
+    known = {f.fname for f in manager.ttflist}
+    for path in bundled:
+        if str(path) not in known:
+            manager.addfont(str(path))
+    cached = getattr(manager, "_findfont_cached", None)   # findfont memoizes per properties (a private cache)
+    if cached is not None:
+        cached.cache_clear()
 
 
 def demo_title(title: str, synthetic: bool | str) -> str:
