@@ -33,6 +33,7 @@ from floss.core.classes import match_rankings_classes  # also floss.cli's public
 from floss.cli.inputs import (ImageSource, _configure_bad_images, _configure_images,  # noqa: F401  (re-exported)
                               _configure_model, _configure_templates, check_weight_file, load_model,
                               load_template_arg)
+from floss.util.memory import keep_freed_memory
 from floss.util.provenance import floss_version
 
 logger = logging.getLogger("floss.cli")
@@ -325,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()        # an entry point: glibc keeps freed tensors' memory (floss.util.memory)
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, force=True,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"

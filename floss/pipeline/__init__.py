@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Mapping
 
 from floss.util import paths
+from floss.util.memory import keep_freed_memory
 from floss.pipeline.params import ParamsError, base_model, load_params, validate_params  # noqa: F401  (re-exported)
 from floss.pipeline.common import (_caches_of, _device, _rank_state, _select, _text_cache,  # noqa: F401  (re-exported)
                                    cache_dir, load_checkpoint_path, load_pipeline_model, rankings_path,
@@ -181,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, (help_text, conf, _) in COMMANDS.items():
         conf(sub.add_parser(name, help=help_text, description=help_text))
     args = parser.parse_args(argv)
+    keep_freed_memory()        # an entry point: glibc keeps freed tensors' memory (floss.util.memory)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(COMMANDS[args.command][2](args) or 0)

@@ -7,6 +7,7 @@
 * :mod:`~floss.util.open_clip_data` — open_clip's plain-data constants (templates, CLIP mean/std) without
   importing open_clip.
 * :mod:`~floss.util.threads`, :mod:`~floss.util.distributed` — torch thread pools; torchrun helpers.
+* :mod:`~floss.util.memory` — glibc malloc settings the entry points apply (freed tensors' memory kept for reuse).
 
 May import: the standard library and torch. Nothing from floss outside ``floss.util``.
 """
