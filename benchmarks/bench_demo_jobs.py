@@ -19,7 +19,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from floss.data.cache import FeatureCache  # noqa: E402
-from floss.pipeline.common import cache_dir  # noqa: E402
+from floss.pipeline.common import cache_dir, tracks_images  # noqa: E402
 from floss.pipeline.evaluate import _experts  # noqa: E402
 from floss.pipeline.params import load_params  # noqa: E402
 from floss.protocol import evaluate_cache, rank_cache  # noqa: E402
@@ -28,9 +28,8 @@ from floss.protocol import evaluate_cache, rank_cache  # noqa: E402
 def run_job(params, kind: str, model: str, dataset: str) -> float:
     start = time.perf_counter()
     if kind == "rank":
-        low = params["low_data"]
         rank_cache(FeatureCache(cache_dir(model, dataset, "train")), metrics=params["rank"]["metrics"],
-                   track_images=model == low["model"] and dataset in low["datasets"], progress=False)
+                   track_images=tracks_images(params, model, dataset), progress=False)
     else:
         val = cache_dir(model, dataset, "val")
         evaluate_cache(FeatureCache(val), experts=_experts(params, model, dataset, val),

@@ -54,6 +54,13 @@ def run_jobs(fn: Callable[..., None], jobs: Sequence[tuple], workers: int) -> No
             pass
 
 
+def tracks_images(params: Mapping, model: str, dataset: str) -> bool:
+    """Whether ranking ``model`` on ``dataset`` keeps per-image records (they double the cost): only for the pairs
+    of the low-data analysis (Fig. 3, ``low_data`` in params.yaml)."""
+    low = params.get("low_data", {})
+    return model == low.get("model") and dataset in low.get("datasets", ())
+
+
 def cache_dir(model: str, dataset: str, split: str) -> Path:
     """``data/features/<model>/<dataset>/<split>`` (PIPELINE.md)."""
     return paths.DATA / "features" / model / dataset / split

@@ -20,7 +20,7 @@ from floss.util import paths
 from floss.models.matrix import base_model
 from floss.pipeline.common import (_caches_of, _device, _rank_state, _select, _text_cache, cache_dir,
                                    load_checkpoint_path, load_pipeline_model, rankings_path, ranks_from_cache,
-                                   run_jobs, stage_workers, torchrun_command)
+                                   run_jobs, stage_workers, torchrun_command, tracks_images)
 
 logger = logging.getLogger("floss.pipeline")   # the stages log under the pipeline's name (as before the split)
 
@@ -147,10 +147,7 @@ def _rank_cache_into(params: Mapping, model: str, dataset: str) -> None:
 
     metric_plugin_names(params)          # loaded once per process (a no-op when already registered)
     cache = FeatureCache(cache_dir(model, dataset, "train"))
-    low = params.get("low_data", {})
-    # per-image records double the cost: only for the pairs of the low-data analysis (Fig. 3)
-    track = model == low.get("model") and dataset in low.get("datasets", ())
-    st = rank_cache(cache, metrics=params["rank"]["metrics"], track_images=track,
+    st = rank_cache(cache, metrics=params["rank"]["metrics"], track_images=tracks_images(params, model, dataset),
                     device=_device(params["rank"]["device"]))
     _write_ranking(params, model, dataset, st, cache.templates)     # the texts of the cache's text embeddings
 
@@ -196,7 +193,7 @@ def _rank_from_images(params: Mapping, model: str, datasets: list[str], dataset:
         logger.info("running %s", shlex.join(cmd))
         subprocess.run(cmd, check=True, cwd=paths.ROOT)
         return None
-    ex, low = params["extract"], params.get("low_data", {})
+    ex = params["extract"]
     templates = pipeline_templates(params)
     ctx = distributed.context()
     device = distributed.device_for(_device(params["rank"]["device"]), ctx)
@@ -213,7 +210,7 @@ def _rank_from_images(params: Mapping, model: str, datasets: list[str], dataset:
                                            checkpoint=load_checkpoint_path(w), templates=templates),
                        "metrics": list(params["rank"]["metrics"]), "queries": queries,
                        "on_bad_image": ex["on_bad_image"], **metric_plugin_key(params)}
-        track = model == low.get("model") and d in low.get("datasets", ())
+        track = tracks_images(params, model, d)
         st = rank_dataset(net, ds, settings, text, q2c, ctx=ctx, state_of=lambda r, d=d: _rank_state(model, d, r),
                           fingerprint={**fingerprint, "track_images": track}, metrics=params["rank"]["metrics"],
                           track_images=track, workers=ex["workers"], on_bad_image=ex["on_bad_image"])

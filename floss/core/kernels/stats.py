@@ -143,13 +143,12 @@ def argmax_map_sums(pred_map: torch.Tensor, k: int, n_specs: int, work: torch.dt
     """:func:`map_sums` of ``n_specs`` copies of the built-in ``spatial`` metric from the argmax maps
     ``pred_map [m, H, W]`` the blocks computed (the same argmax, the same per-template scatter order)."""
     m = pred_map.shape[0]
-    out = torch.zeros(n_specs, m, k, dtype=torch.float64, device=pred_map.device)
+    out = torch.zeros(m, k, dtype=torch.float64, device=pred_map.device)
     for t in range(m):
         pred = pred_map[t:t + 1].long()
         score = spatial_of_argmax(pred, work).reshape(-1).to(torch.float64)
-        for i in range(n_specs):
-            out[i, t].scatter_add_(0, pred.reshape(-1), score)
-    return out
+        out[t].scatter_add_(0, pred.reshape(-1), score)
+    return out.expand(n_specs, m, k).clone()      # every copy is the same sum: computed once
 
 
 def iti_values(st: dict[str, torch.Tensor], num_classes: int) -> torch.Tensor:
