@@ -199,6 +199,28 @@ def test_check_params_command_exits_2_with_the_key(tmp_path):
     assert ok.returncode == 0, ok.stderr
 
 
+@pytest.mark.parametrize("stage", ["inputs", "extract", "rank", "evaluate", "transfer", "metrics", "authors"])
+def test_only_the_stages_that_open_weights_or_images_check_them(tmp_path, monkeypatch, stage):
+    """The paper profile's weights and dataset folders are checked by the stages that open them (``inputs``,
+    first in every run, refuses a problem before any heavy work); the stages that read caches only skip the check
+    and with it the import of open_clip (issue 14: no stage imports open_clip unless it builds a model)."""
+    import floss.pipeline as pipeline
+    import floss.pipeline.params as params_module
+
+    params = _mutated("profile", "paper")
+    params["data_root"] = str(tmp_path)            # an empty folder: the check would refuse it
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    checked = []
+    monkeypatch.setattr(params_module, "check_paper_inputs", lambda p: checked.append(stage))
+    for name in ("stage_extract", "stage_rank", "stage_evaluate", "stage_transfer", "stage_metrics", "stage_inputs"):
+        monkeypatch.setattr(pipeline, name, lambda *a, **k: None)
+    monkeypatch.setattr(pipeline, "stage_authors", lambda p: {"available": False})
+    assert pipeline.main(["stage", stage, "--params", str(path)] + (["--model", "maskclip"]
+                                                                    if stage in ("rank", "evaluate") else [])) == 0
+    assert checked == ([stage] if stage in ("inputs", "extract", "rank") else [])
+
+
 def test_commands_built_from_params(tmp_path, monkeypatch):
     params = copy.deepcopy(PARAMS)
     params["extract"]["gpus"] = 4

@@ -93,8 +93,13 @@ def _set_threads(params: Mapping) -> None:
         torch.set_num_threads(threads)
 
 
+#: the stages that open weights or dataset folders; the others read caches and results only, so they neither check
+#: the paper profile's weights and folders again (``inputs`` did, first) nor import open_clip to do it
+_STAGES_READING_INPUTS = ("inputs", "extract", "rank")
+
+
 def _run_stage(args: argparse.Namespace) -> int:
-    params = load_params(args.params)
+    params = load_params(args.params, check_paths=args.stage in _STAGES_READING_INPUTS)
     if args.stage not in ("metrics", "authors", "inputs"):
         _set_threads(params)
     needs_model = args.stage in ("rank", "evaluate")        # extract without --model: every model
