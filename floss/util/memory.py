@@ -5,14 +5,15 @@ Why: the numeric loops (per-template statistics, rendering bands, fusion chunks)
 few to a few hundred MB, many times per image. glibc serves every allocation above its mmap threshold (dynamic, at
 most 32 MiB) with a fresh ``mmap`` and gives it back with ``munmap`` on free, and returns the heap's free top to
 the system above its trim threshold; the next tensor then faults all its pages in again, each one zero-filled by
-the kernel. Measured on the 2-core build machine (``benchmarks/bench_malloc.py``): 13 million minor page faults
-and 22 s of system time in a 28 s evaluate stage of the paper rehearsal; a rank job on a demo cache 1.9× faster
-with the settings below, the rehearsal's rank stage of MaskCLIP 55 s -> 17 s. Which addresses the allocator hands
-out changes no computed value (every buffer is written before it is read), so results are bit-identical.
+the kernel. Measured on the 2-core build machine: 13 million minor page faults and 22 s of system time in a 28 s
+evaluate stage of the paper rehearsal (14 s with the settings below; ``/usr/bin/time``), the rehearsal's rank stage
+of MaskCLIP 48 s -> 32 s, a rank job on a demo cache 1.9× faster (``benchmarks/bench_malloc.py``). Which addresses
+the allocator hands out changes no computed value (every buffer is written before it is read): same bits.
 
 The settings: no ``mmap`` below 1 GiB, no trimming, 1 GiB of top padding (address space; pages count only once
 touched), and one arena shared by all threads (the statistics' worker threads then reuse the main heap instead
-of mmapping per-thread heaps). Peak memory: within about 20 % of the defaults either way in the measurements.
+of mmapping per-thread heaps). Peak memory: within 7 % of the defaults in the benchmark's jobs (once +19 %,
+once -49 % in single runs of other stages).
 ``FLOSS_MALLOC_TUNING=0`` keeps glibc's defaults (to compare); other C libraries (macOS, musl) are left alone.
 """
 from __future__ import annotations
