@@ -221,6 +221,24 @@ def test_only_the_stages_that_open_weights_or_images_check_them(tmp_path, monkey
     assert checked == ([stage] if stage in ("inputs", "extract", "rank") else [])
 
 
+@pytest.mark.parametrize("command", [["notebooks"], ["notebook", "tab1_main_results"]])
+def test_the_report_reads_results_without_checking_weights(tmp_path, monkeypatch, command):
+    """The notebooks read results only: a paper-profile report runs where the weights and datasets are absent."""
+    import floss.pipeline as pipeline
+    import floss.pipeline.params as params_module
+
+    params = _mutated("profile", "paper")
+    params["data_root"] = str(tmp_path)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    checked, ran = [], []
+    monkeypatch.setattr(params_module, "check_paper_inputs", lambda p: checked.append(1))
+    monkeypatch.setattr(pipeline, "run_notebooks", lambda p, names, workers: ran.append(p["profile"]))
+    monkeypatch.setattr(pipeline, "run_notebook", lambda p, name: ran.append(p["profile"]))
+    assert pipeline.main(command + ["--params", str(path)]) == 0
+    assert ran == ["paper"] and checked == []
+
+
 def test_commands_built_from_params(tmp_path, monkeypatch):
     params = copy.deepcopy(PARAMS)
     params["extract"]["gpus"] = 4

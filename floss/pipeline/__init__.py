@@ -93,8 +93,9 @@ def _set_threads(params: Mapping) -> None:
         torch.set_num_threads(threads)
 
 
-#: the stages that open weights or dataset folders; the others read caches and results only, so they neither check
-#: the paper profile's weights and folders again (``inputs`` did, first) nor import open_clip to do it
+#: the stages that open weights or dataset folders; the others (and the notebooks: the report) read caches and
+#: results only, so they neither check the paper profile's weights and folders again (``inputs`` did, first) nor
+#: import open_clip to do it — and the report runs on a machine that has the results but not the weights
 _STAGES_READING_INPUTS = ("inputs", "extract", "rank")
 
 
@@ -138,7 +139,7 @@ def _configure_notebook(p: argparse.ArgumentParser) -> None:
 
 
 def _run_notebook(args: argparse.Namespace) -> int:
-    run_notebook(load_params(args.params), args.name)
+    run_notebook(load_params(args.params, check_paths=False), args.name)      # reads results, never weights
     return 0
 
 
@@ -150,7 +151,7 @@ def _configure_notebooks(p: argparse.ArgumentParser) -> None:
 
 
 def _run_notebooks(args: argparse.Namespace) -> int:
-    run_notebooks(load_params(args.params), args.names or None, workers=args.workers)
+    run_notebooks(load_params(args.params, check_paths=False), args.names or None, workers=args.workers)
     return 0
 
 
