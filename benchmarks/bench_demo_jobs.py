@@ -25,16 +25,20 @@ from floss.pipeline.params import load_params  # noqa: E402
 from floss.protocol import evaluate_cache, rank_cache  # noqa: E402
 
 
+def job(params, kind: str, model: str, dataset: str):
+    """One demo job as its stage computes it: the rank statistics (TemplateStats) or the evaluation results."""
+    if kind == "rank":
+        return rank_cache(FeatureCache(cache_dir(model, dataset, "train")), metrics=params["rank"]["metrics"],
+                          track_images=tracks_images(params, model, dataset), progress=False)
+    val = cache_dir(model, dataset, "val")
+    return evaluate_cache(FeatureCache(val), experts=_experts(params, model, dataset, val),
+                          fusions=params["evaluate"]["fusions"], per_template=params["evaluate"]["per_template"],
+                          progress=False)
+
+
 def run_job(params, kind: str, model: str, dataset: str) -> float:
     start = time.perf_counter()
-    if kind == "rank":
-        rank_cache(FeatureCache(cache_dir(model, dataset, "train")), metrics=params["rank"]["metrics"],
-                   track_images=tracks_images(params, model, dataset), progress=False)
-    else:
-        val = cache_dir(model, dataset, "val")
-        evaluate_cache(FeatureCache(val), experts=_experts(params, model, dataset, val),
-                       fusions=params["evaluate"]["fusions"], per_template=params["evaluate"]["per_template"],
-                       progress=False)
+    job(params, kind, model, dataset)
     return time.perf_counter() - start
 
 

@@ -32,27 +32,19 @@ def child(kind: str, model: str, dataset: str, threads: int) -> None:
     from floss.util.memory import keep_freed_memory
     applied = keep_freed_memory()
     torch.set_num_threads(threads)
-    from floss.data.cache import FeatureCache
-    from floss.pipeline.common import cache_dir
-    from floss.pipeline.evaluate import _experts
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_demo_jobs import job                  # the stage's computation of the job
     from floss.pipeline.params import load_params
-    from floss.protocol import evaluate_cache, rank_cache
 
     params = load_params(ROOT / "params.yaml")
-    split = "train" if kind == "rank" else "val"
-    cache = FeatureCache(cache_dir(model, dataset, split))
     before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
+    result = job(params, kind, model, dataset)
     if kind == "rank":
-        st = rank_cache(cache, metrics=params["rank"]["metrics"], progress=False)
-        digest = hashlib.sha256(b"".join(t.cpu().numpy().tobytes() for t in st._get_state().values()))
+        digest = hashlib.sha256(b"".join(t.cpu().numpy().tobytes() for t in result._get_state().values()))
     else:
-        val = cache_dir(model, dataset, "val")
-        res = evaluate_cache(cache, experts=_experts(params, model, dataset, val),
-                             fusions=params["evaluate"]["fusions"], per_template=params["evaluate"]["per_template"],
-                             progress=False)
-        res.pop("confusion", None)
-        digest = hashlib.sha256(json.dumps(res, sort_keys=True, default=str).encode())
+        result.pop("confusion", None)
+        digest = hashlib.sha256(json.dumps(result, sort_keys=True, default=str).encode())
     seconds = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"applied": applied, "seconds": seconds, "sys": after.ru_stime - before.ru_stime,
